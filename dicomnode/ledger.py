@@ -1,0 +1,698 @@
+"""The ledger: the one source of truth for instances, series, jobs and results.
+
+SQLAlchemy Core over SQLite (WAL, ``synchronous=FULL``, so a committed row survives power loss) by
+default, or PostgreSQL for a multi-node site. Every stage after the receiver is a state transition
+here, so a restarted node resumes from the ledger, never from memory. The ledger stores what it is
+given; it never parses DICOM.
+
+Receiver writes go through :class:`_GroupCommitter`: concurrent associations hand their rows to one
+writer thread that commits them in a single transaction, so N parallel stores share one fsync.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from dicomnode.domain import (
+    JobKind,
+    JobState,
+    Priority,
+    SeriesState,
+    SeriesSummary,
+    StoredInstance,
+)
+
+metadata = sa.MetaData()
+
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("sop_instance_uid", sa.String(64), primary_key=True),
+    sa.Column("series_instance_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False),
+    sa.Column("sop_class_uid", sa.String(64), nullable=False),
+    sa.Column("transfer_syntax_uid", sa.String(64), nullable=False),
+    sa.Column("path", sa.String(300), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("calling_ae", sa.String(16), nullable=False),
+    sa.Column("peer_host", sa.String(64), nullable=False),
+    sa.Column("association_id", sa.String(40), nullable=False, default=""),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("instance_number", sa.Integer),
+    sa.Column("image_type", sa.String(200), nullable=False, default=""),
+)
+
+series = sa.Table(
+    "series",
+    metadata,
+    sa.Column("series_instance_uid", sa.String(64), primary_key=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False),
+    sa.Column("modality", sa.String(16), nullable=False, default=""),
+    sa.Column("body_part", sa.String(64), nullable=False, default=""),
+    sa.Column("series_description", sa.String(200), nullable=False, default=""),
+    sa.Column("study_description", sa.String(200), nullable=False, default=""),
+    sa.Column("calling_ae", sa.String(16), nullable=False, default=""),
+    sa.Column("instance_count", sa.Integer, nullable=False, default=0),
+    sa.Column("epoch", sa.Integer, nullable=False, default=1),
+    sa.Column("epoch_count", sa.Integer, nullable=False, default=0),  # instances in current epoch
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("expected_count", sa.Integer),
+    sa.Column("first_received_at", sa.Float, nullable=False),
+    sa.Column("last_received_at", sa.Float, nullable=False),
+    sa.Column("last_association_id", sa.String(40), nullable=False, default=""),
+    sa.Column("released_at", sa.Float),  # the association that carried the last instance ended
+    sa.Column("processed_at", sa.Float),  # when the last epoch was handed to jobs
+    sa.Column("rule", sa.String(100), nullable=False, default=""),
+    sa.Column("note", sa.String(500), nullable=False, default=""),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("dedup_key", sa.String(400), nullable=False, unique=True),
+    sa.Column("series_instance_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("not_before", sa.Float, nullable=False),
+    sa.Column("lease_owner", sa.String(100)),
+    sa.Column("lease_expires", sa.Float),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("last_error", sa.Text, nullable=False, default=""),
+    sa.Column("outcome", sa.Text, nullable=False, default=""),
+    sa.Index("ix_jobs_claim", "state", "kind", "priority", "not_before"),
+)
+
+results = sa.Table(
+    "results",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.Integer, nullable=False, index=True),
+    sa.Column("series_instance_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("analyzer", sa.String(100), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(8), nullable=False),
+    sa.Column("sop_class_uid", sa.String(64), nullable=False),
+    sa.Column("sop_instance_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("result_series_uid", sa.String(64), nullable=False),
+    sa.Column("path", sa.String(300), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("summary", sa.Text, nullable=False, default="{}"),
+)
+
+
+def _now() -> float:
+    return time.time()
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    id: int
+    kind: JobKind
+    series_instance_uid: str
+    epoch: int
+    payload: dict[str, Any]
+    priority: Priority
+    state: JobState
+    attempts: int
+    max_attempts: int
+    not_before: float
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    last_error: str
+    outcome: dict[str, Any]
+    lease_owner: str | None = None
+
+    @classmethod
+    def from_row(cls, row: sa.Row[Any]) -> JobRow:
+        m = row._mapping
+        return cls(
+            id=m["id"],
+            kind=JobKind(m["kind"]),
+            series_instance_uid=m["series_instance_uid"],
+            epoch=m["epoch"],
+            payload=json.loads(m["payload"]),
+            priority=Priority(m["priority"]),
+            state=JobState(m["state"]),
+            attempts=m["attempts"],
+            max_attempts=m["max_attempts"],
+            not_before=m["not_before"],
+            created_at=m["created_at"],
+            started_at=m["started_at"],
+            finished_at=m["finished_at"],
+            last_error=m["last_error"] or "",
+            outcome=json.loads(m["outcome"]) if m["outcome"] else {},
+            lease_owner=m["lease_owner"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesRow:
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    body_part: str
+    series_description: str
+    study_description: str
+    calling_ae: str
+    instance_count: int
+    epoch: int
+    epoch_count: int
+    state: SeriesState
+    expected_count: int | None
+    first_received_at: float
+    last_received_at: float
+    last_association_id: str
+    released_at: float | None
+    processed_at: float | None
+    rule: str
+    note: str
+
+    @classmethod
+    def from_row(cls, row: sa.Row[Any]) -> SeriesRow:
+        m = dict(row._mapping)
+        m["state"] = SeriesState(m["state"])
+        return cls(**m)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOutcome:
+    new: bool  # False: the SOP Instance was already in the ledger (duplicate)
+    epoch: int
+    reopened: bool  # True: this instance reopened an already processed series
+
+
+class _GroupCommitter:
+    """One writer thread that commits the receivers' rows in batches (group commit)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._queue: queue.Queue[tuple[StoredInstance, _Slot] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: StoredInstance) -> RecordOutcome:
+        slot = _Slot()
+        self._queue.put((item, slot))
+        return slot.wait()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < 256:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            try:
+                with self._ledger.engine.begin() as conn:
+                    outcomes = [self._ledger._record(conn, item) for item, _ in batch]
+            except Exception as exc:  # the whole batch failed: tell every waiting receiver
+                for _, slot in batch:
+                    slot.fail(exc)
+            else:
+                for (_, slot), outcome in zip(batch, outcomes, strict=True):
+                    slot.set(outcome)
+            if stop:
+                return
+
+
+class _Slot:
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._value: RecordOutcome | None = None
+        self._error: BaseException | None = None
+
+    def set(self, value: RecordOutcome) -> None:
+        self._value = value
+        self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._event.set()
+
+    def wait(self) -> RecordOutcome:
+        self._event.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+
+class Ledger:
+    """State transitions on the ledger database. Thread-safe; one instance per process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = sa.create_engine(url, future=True, pool_pre_ping=False)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+        self._committer: _GroupCommitter | None = None
+
+    @classmethod
+    def sqlite(cls, path: str) -> Ledger:
+        return cls(f"sqlite:///{path}")
+
+    def close(self) -> None:
+        if self._committer is not None:
+            self._committer.close()
+            self._committer = None
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # --- instances and series ---------------------------------------------------------------
+
+    def record_instance(self, item: StoredInstance) -> RecordOutcome:
+        """Commit an instance row and its series upsert durably; safe to call from many threads."""
+        if self._committer is None:
+            self._committer = _GroupCommitter(self)
+        return self._committer.submit(item)
+
+    def _record(self, conn: Connection, item: StoredInstance) -> RecordOutcome:
+        received = item.received_at.timestamp()
+        existing = conn.execute(
+            sa.select(instances.c.epoch).where(instances.c.sop_instance_uid == item.sop_instance_uid)
+        ).first()
+        current = conn.execute(
+            sa.select(series).where(series.c.series_instance_uid == item.series_instance_uid)
+        ).first()
+        if existing is not None:
+            return RecordOutcome(new=False, epoch=existing.epoch, reopened=False)
+
+        expected = item.images_in_acquisition or None
+        if item.temporal_positions and expected:
+            expected *= item.temporal_positions
+        reopened = False
+        if current is None:
+            epoch = 1
+            conn.execute(
+                series.insert().values(
+                    series_instance_uid=item.series_instance_uid,
+                    study_instance_uid=item.study_instance_uid,
+                    modality=item.modality,
+                    body_part=item.body_part,
+                    series_description=item.series_description,
+                    study_description=item.study_description,
+                    calling_ae=item.calling_ae,
+                    instance_count=1,
+                    epoch=1,
+                    epoch_count=1,
+                    state=SeriesState.RECEIVING,
+                    expected_count=expected,
+                    first_received_at=received,
+                    last_received_at=received,
+                    last_association_id=item.association_id,
+                    released_at=None,
+                )
+            )
+        else:
+            epoch = current.epoch
+            values: dict[str, Any] = {
+                "instance_count": series.c.instance_count + 1,
+                "last_received_at": received,
+                "last_association_id": item.association_id,
+                "released_at": None,
+            }
+            if current.state != SeriesState.RECEIVING:
+                # A late image for a series already handed on: it opens a new epoch.
+                epoch = current.epoch + 1
+                reopened = True
+                values.update(epoch=epoch, epoch_count=1, state=SeriesState.RECEIVING, note="")
+            else:
+                values["epoch_count"] = series.c.epoch_count + 1
+            if expected:
+                values["expected_count"] = expected
+            conn.execute(
+                series.update()
+                .where(series.c.series_instance_uid == item.series_instance_uid)
+                .values(**values)
+            )
+        conn.execute(
+            instances.insert().values(
+                sop_instance_uid=item.sop_instance_uid,
+                series_instance_uid=item.series_instance_uid,
+                study_instance_uid=item.study_instance_uid,
+                sop_class_uid=item.sop_class_uid,
+                transfer_syntax_uid=item.transfer_syntax_uid,
+                path=item.path,
+                size=item.size,
+                calling_ae=item.calling_ae,
+                peer_host=item.peer_host,
+                association_id=item.association_id,
+                received_at=received,
+                epoch=epoch,
+                instance_number=item.instance_number,
+                image_type=item.image_type,
+            )
+        )
+        return RecordOutcome(new=True, epoch=epoch, reopened=reopened)
+
+    def association_released(self, association_id: str, at: float | None = None) -> int:
+        """Evidence for completeness: the sender ended the association that carried the last
+        instance of these series. Returns how many series were marked."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                series.update()
+                .where(series.c.last_association_id == association_id)
+                .where(series.c.state == SeriesState.RECEIVING)
+                .values(released_at=at if at is not None else _now())
+            )
+            return int(result.rowcount or 0)
+
+    def instance(self, sop_instance_uid: str) -> sa.Row[Any] | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(instances).where(instances.c.sop_instance_uid == sop_instance_uid)
+            ).first()
+
+    def instance_rows(self, series_uid: str, max_epoch: int | None = None) -> list[sa.Row[Any]]:
+        query = sa.select(instances).where(instances.c.series_instance_uid == series_uid)
+        if max_epoch is not None:
+            query = query.where(instances.c.epoch <= max_epoch)
+        with self.engine.connect() as conn:
+            return list(conn.execute(query.order_by(instances.c.instance_number, instances.c.path)))
+
+    def instance_paths(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(conn.execute(sa.select(instances.c.path)).scalars())
+
+    def count_instances(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(instances)).scalar_one())
+
+    def series_row(self, series_uid: str) -> SeriesRow | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(series).where(series.c.series_instance_uid == series_uid)).first()
+        return SeriesRow.from_row(row) if row else None
+
+    def series_in_state(self, *states: SeriesState) -> list[SeriesRow]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(series).where(series.c.state.in_([s.value for s in states])))
+            return [SeriesRow.from_row(r) for r in rows]
+
+    def recent_series(self, limit: int = 50) -> list[SeriesRow]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(series).order_by(series.c.last_received_at.desc()).limit(limit))
+            return [SeriesRow.from_row(r) for r in rows]
+
+    def series_summary(self, row: SeriesRow) -> SeriesSummary:
+        with self.engine.connect() as conn:
+            sop_classes = conn.execute(
+                sa.select(instances.c.sop_class_uid)
+                .where(instances.c.series_instance_uid == row.series_instance_uid)
+                .distinct()
+            ).scalars()
+            image_types = conn.execute(
+                sa.select(instances.c.image_type)
+                .where(instances.c.series_instance_uid == row.series_instance_uid)
+                .distinct()
+            ).scalars()
+            return SeriesSummary(
+                series_instance_uid=row.series_instance_uid,
+                study_instance_uid=row.study_instance_uid,
+                epoch=row.epoch,
+                modality=row.modality,
+                sop_class_uids=tuple(sorted(sop_classes)),
+                body_part=row.body_part,
+                series_description=row.series_description,
+                study_description=row.study_description,
+                calling_ae=row.calling_ae,
+                instance_count=row.instance_count,
+                image_types=tuple(sorted(t for t in image_types if t)),
+            )
+
+    def mark_series(
+        self, series_uid: str, epoch: int, state: SeriesState, *, rule: str = "", note: str = ""
+    ) -> bool:
+        """Move the series to ``state`` if it is still at ``epoch`` (a newer epoch wins)."""
+        values: dict[str, Any] = {"state": state, "note": note[:500]}
+        if state in (SeriesState.QUEUED, SeriesState.IGNORED):
+            values["processed_at"] = _now()
+            values["rule"] = rule[:100]
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                series.update()
+                .where(series.c.series_instance_uid == series_uid)
+                .where(series.c.epoch == epoch)
+                .values(**values)
+            )
+            return bool(result.rowcount)
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        conn: Connection,
+        *,
+        kind: JobKind,
+        dedup_key: str,
+        series_uid: str,
+        epoch: int,
+        payload: dict[str, Any],
+        priority: Priority,
+        max_attempts: int,
+        not_before: float | None = None,
+    ) -> int | None:
+        """Insert a job unless one with ``dedup_key`` exists; returns the new id or None."""
+        exists = conn.execute(sa.select(jobs.c.id).where(jobs.c.dedup_key == dedup_key)).first()
+        if exists is not None:
+            return None
+        now = _now()
+        result = conn.execute(
+            jobs.insert().values(
+                kind=kind,
+                dedup_key=dedup_key,
+                series_instance_uid=series_uid,
+                epoch=epoch,
+                payload=json.dumps(payload, sort_keys=True),
+                priority=int(priority),
+                state=JobState.QUEUED,
+                attempts=0,
+                max_attempts=max_attempts,
+                not_before=not_before if not_before is not None else now,
+                created_at=now,
+                last_error="",
+                outcome="",
+            )
+        )
+        return int(result.inserted_primary_key[0])
+
+    def claim(self, kinds: Sequence[JobKind], owner: str, lease_s: float) -> JobRow | None:
+        """Take the most urgent runnable job: queued or failed-and-due, or running with an expired
+        lease (its worker died). Priority first, then age."""
+        now = _now()
+        runnable = sa.or_(
+            sa.and_(jobs.c.state.in_([JobState.QUEUED, JobState.FAILED]), jobs.c.not_before <= now),
+            sa.and_(jobs.c.state == JobState.RUNNING, jobs.c.lease_expires < now),
+        )
+        with self.engine.begin() as conn:
+            if self.engine.dialect.name == "sqlite":
+                # Take the write lock first so two claimers cannot pick the same row.
+                conn.exec_driver_sql("UPDATE jobs SET id = id WHERE 0")
+            row = conn.execute(
+                sa.select(jobs)
+                .where(jobs.c.kind.in_([k.value for k in kinds]))
+                .where(runnable)
+                .order_by(jobs.c.priority, jobs.c.not_before, jobs.c.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if row is None:
+                return None
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == row.id)
+                .values(
+                    state=JobState.RUNNING,
+                    attempts=jobs.c.attempts + 1,
+                    lease_owner=owner,
+                    lease_expires=now + lease_s,
+                    started_at=now,
+                )
+            )
+            claimed = conn.execute(sa.select(jobs).where(jobs.c.id == row.id)).one()
+        return JobRow.from_row(claimed)
+
+    def finish_job(
+        self,
+        conn: Connection,
+        job_id: int,
+        owner: str,
+        state: JobState,
+        *,
+        error: str = "",
+        outcome: dict[str, Any] | None = None,
+        not_before: float | None = None,
+    ) -> bool:
+        """End an attempt; only the lease owner may (a job re-claimed after lease expiry wins)."""
+        values: dict[str, Any] = {
+            "state": state,
+            "last_error": error[:4000],
+            "lease_owner": None,
+            "lease_expires": None,
+        }
+        if state in (JobState.SUCCEEDED, JobState.DEAD):
+            values["finished_at"] = _now()
+        if outcome is not None:
+            values["outcome"] = json.dumps(outcome, sort_keys=True, default=str)
+        if not_before is not None:
+            values["not_before"] = not_before
+        result = conn.execute(
+            jobs.update().where(jobs.c.id == job_id).where(jobs.c.lease_owner == owner).values(**values)
+        )
+        return bool(result.rowcount)
+
+    def retry_job(self, job_id: int) -> bool:
+        """Operator action: put a dead or failed job back in the queue, due now."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .where(jobs.c.state.in_([JobState.DEAD, JobState.FAILED]))
+                .values(state=JobState.QUEUED, not_before=_now(), attempts=0, last_error="")
+            )
+            return bool(result.rowcount)
+
+    def job(self, job_id: int) -> JobRow | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return JobRow.from_row(row) if row else None
+
+    def list_jobs(
+        self,
+        *,
+        kind: JobKind | None = None,
+        states: Iterable[JobState] = (),
+        series_uid: str | None = None,
+        limit: int = 100,
+    ) -> list[JobRow]:
+        query = sa.select(jobs)
+        if kind is not None:
+            query = query.where(jobs.c.kind == kind)
+        state_values = [s.value for s in states]
+        if state_values:
+            query = query.where(jobs.c.state.in_(state_values))
+        if series_uid is not None:
+            query = query.where(jobs.c.series_instance_uid == series_uid)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(jobs.c.id.desc()).limit(limit))
+            return [JobRow.from_row(r) for r in rows]
+
+    def job_counts(self) -> dict[tuple[str, str], int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.kind, jobs.c.state, sa.func.count()).group_by(jobs.c.kind, jobs.c.state)
+            )
+            return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def next_due(self, kinds: Sequence[JobKind]) -> float | None:
+        """When the next waiting job becomes runnable (for scheduling a wake-up)."""
+        with self.engine.connect() as conn:
+            due = conn.execute(
+                sa.select(sa.func.min(jobs.c.not_before))
+                .where(jobs.c.kind.in_([k.value for k in kinds]))
+                .where(jobs.c.state.in_([JobState.QUEUED, JobState.FAILED]))
+            ).scalar()
+            lease = conn.execute(
+                sa.select(sa.func.min(jobs.c.lease_expires))
+                .where(jobs.c.kind.in_([k.value for k in kinds]))
+                .where(jobs.c.state == JobState.RUNNING)
+            ).scalar()
+        candidates = [t for t in (due, lease) if t is not None]
+        return min(candidates) if candidates else None
+
+    def unfinished_jobs(self) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(jobs)
+                    .where(jobs.c.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.FAILED]))
+                ).scalar_one()
+            )
+
+    def epoch_jobs_open(self, conn: Connection, series_uid: str, epoch: int) -> int:
+        return int(
+            conn.execute(
+                sa.select(sa.func.count())
+                .select_from(jobs)
+                .where(jobs.c.series_instance_uid == series_uid)
+                .where(jobs.c.epoch == epoch)
+                .where(jobs.c.state.in_([JobState.QUEUED, JobState.RUNNING, JobState.FAILED]))
+            ).scalar_one()
+        )
+
+    # --- results ----------------------------------------------------------------------------
+
+    def add_result(self, conn: Connection, **values: Any) -> int:
+        """Insert a result row (idempotent on SOP Instance UID); returns its id."""
+        existing = conn.execute(
+            sa.select(results.c.id).where(results.c.sop_instance_uid == values["sop_instance_uid"])
+        ).first()
+        if existing is not None:
+            return int(existing.id)
+        values.setdefault("created_at", _now())
+        return int(conn.execute(results.insert().values(**values)).inserted_primary_key[0])
+
+    def result(self, result_id: int) -> sa.Row[Any] | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(results).where(results.c.id == result_id)).first()
+
+    def results_for_series(self, series_uid: str, epoch: int | None = None) -> list[sa.Row[Any]]:
+        query = sa.select(results).where(results.c.series_instance_uid == series_uid)
+        if epoch is not None:
+            query = query.where(results.c.epoch == epoch)
+        with self.engine.connect() as conn:
+            return list(conn.execute(query.order_by(results.c.id)))
+
+    def result_paths(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(conn.execute(sa.select(results.c.path)).scalars())
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # FULL: each commit fsyncs the WAL, so an acknowledged row survives power loss.
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,671 @@
+"""TorchScript model runtime: a model is a folder holding ``manifest.toml`` and a TorchScript file.
+
+The manifest says what the model looks at (filter), how to prepare pixels (input), what comes out
+(output: coded labels, optionally masks) and how probabilities map to a triage priority. The runtime
+is generic: a new model needs a folder, not code. Outputs are coded so that ``results`` can write
+them as TID 1500 measurement groups (PS3.16 TID 1501 / TID 1411) and a Segmentation (PS3.3 A.51),
+with Segmented Property Category and Type taken from CID 7150 / CID 7151.
+
+Inference streams the volume through the network in batches of slices, so memory is bounded by
+one batch of float tensors plus the outputs (a boolean mask and one score per slice), whatever the
+series length. Bad input never raises out of :meth:`TorchAnalyzer.analyze`: it gives FAILED findings
+whose ``error`` says what was wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import time
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicomnode.domain import (
+    AnalyzerKind,
+    Code,
+    Finding,
+    Findings,
+    FindingsStatus,
+    Mask,
+    Measurement,
+    Priority,
+    SeriesSummary,
+    Volume,
+)
+from dicomnode.models import Analyzer, AnalyzerSpec
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    import torch
+
+    from dicomnode.config import AnalysisSettings
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+MANIFEST_NAME = "manifest.toml"
+
+#: SNOMED CT 118565006 "Volume" and UCUM "ml" for the lesion volume (PS3.16 TID 1411 row 8).
+VOLUME_CODE = Code("118565006", "SCT", "Volume")
+MILLILITER = Code("ml", "UCUM", "milliliter")
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CodeSpec(_Strict):
+    """A coded concept (PS3.3 8.8): code value, coding scheme designator ("SCT", "DCM"), meaning."""
+
+    value: str = Field(min_length=1)
+    scheme: str = Field(min_length=1)
+    meaning: str = Field(min_length=1)
+
+    def code(self) -> Code:
+        return Code(self.value, self.scheme, self.meaning)
+
+
+class FilterSpec(_Strict):
+    """Which series the model applies to. Each non-empty list must match (case-insensitive globs,
+    or regular expressions with a ``re:`` prefix); ``modalities`` is compared exactly."""
+
+    modalities: list[str] = Field(min_length=1)
+    body_parts: list[str] = Field(default_factory=list)
+    series_descriptions: list[str] = Field(default_factory=list)
+
+    @field_validator("modalities")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [m.strip().upper() for m in value]
+
+    @field_validator("body_parts", "series_descriptions")
+    @classmethod
+    def _compiles(cls, value: list[str]) -> list[str]:
+        for i, pattern in enumerate(value):
+            try:
+                _pattern(pattern)
+            except re.error as exc:
+                raise ValueError(f"[{i}] invalid regular expression {pattern!r}: {exc}") from None
+        return value
+
+
+class WindowSpec(_Strict):
+    """A VOI window (PS3.3 C.11.2.1.2, linear): values map to [0, 1], clipped outside."""
+
+    center: float
+    width: float = Field(gt=0)
+
+
+class NormalizeSpec(_Strict):
+    """Z-score normalisation ``(x - mean) / std``; without mean/std, per-series statistics."""
+
+    mean: float | None = None
+    std: float | None = Field(default=None, gt=0)
+
+
+class InputSpec(_Strict):
+    """How to turn Volume pixels (HU for CT) into network input.
+
+    ``mode="2d"``: one slice at a time, resampled in-plane to ``spacing`` (mm, rows x columns) or
+    to ``size`` (pixels); ``windows`` give one channel each. ``mode="3d"``: the whole volume
+    resampled to ``size`` (slices, rows, columns), so memory is bounded by ``size``.
+    """
+
+    mode: Literal["2d", "3d"] = "2d"
+    spacing: list[float] | None = None
+    size: list[int] | None = None
+    windows: list[WindowSpec] = Field(default_factory=list)
+    normalize: NormalizeSpec | None = None
+    channels: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=16, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputSpec:
+        if self.windows and self.normalize is not None:
+            raise ValueError("give either windows or normalize, not both")
+        if not self.windows and self.normalize is None:
+            raise ValueError("give windows or normalize")
+        wanted = len(self.windows) if self.windows else 1
+        if self.channels != wanted:
+            raise ValueError(f"channels is {self.channels} but the intensity settings give {wanted}")
+        dims = 2 if self.mode == "2d" else 3
+        if self.spacing is not None and self.size is not None:
+            raise ValueError("give either spacing or size, not both")
+        if self.spacing is not None and (len(self.spacing) != 2 or self.mode != "2d"):
+            raise ValueError("spacing must be [rows, columns] in mm and is for mode '2d' only")
+        if self.spacing is not None and min(self.spacing) <= 0:
+            raise ValueError("spacing must be positive")
+        if self.size is not None and (len(self.size) != dims or min(self.size) < 1):
+            raise ValueError(f"size must be {dims} positive integers for mode {self.mode!r}")
+        if self.mode == "3d" and self.size is None:
+            raise ValueError("mode '3d' needs size, so that memory is bounded")
+        return self
+
+
+class LabelSpec(_Strict):
+    """One output channel: the finding looked for, coded, plus SEG properties for masks.
+
+    ``code`` is the finding type (e.g. SCT 50960005 Hemorrhage); ``category``/``type`` are the
+    Segmented Property Category (CID 7150) and Type (CID 7151) of the mask; ``threshold`` is the
+    series probability at or above which the finding is reported present.
+    """
+
+    name: str = Field(min_length=1, max_length=64)
+    code: CodeSpec
+    category: CodeSpec | None = None
+    type: CodeSpec | None = None
+    threshold: float = Field(default=0.5, ge=0, le=1)
+
+
+class OutputSpec(_Strict):
+    """What the network returns: ``classification`` -> logits (N, labels); ``segmentation`` ->
+    logits (N, labels, rows, columns) in 2D or (1, labels, slices, rows, columns) in 3D.
+
+    For segmentation, a slice's score is the mean of its ``top_k`` highest pixel probabilities
+    (robust to single-pixel spikes) and the series probability is the highest slice score; the
+    mask is the pixels whose probability reaches ``mask_threshold``.
+    """
+
+    kind: Literal["classification", "segmentation"]
+    activation: Literal["sigmoid", "softmax", "none"] = "sigmoid"
+    labels: list[LabelSpec] = Field(min_length=1)
+    mask_threshold: float = Field(default=0.5, gt=0, lt=1)
+    top_k: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _masks_need_codes(self) -> OutputSpec:
+        names = [label.name for label in self.labels]
+        if len(set(names)) != len(names):
+            raise ValueError("labels: names must be unique")
+        if self.kind == "segmentation":
+            for i, label in enumerate(self.labels):
+                if label.category is None or label.type is None:
+                    raise ValueError(f"labels[{i}]: segmentation labels need category and type")
+        return self
+
+
+class ThresholdSpec(_Strict):
+    """Series probability of ``label`` at or above ``probability`` -> triage ``priority``."""
+
+    label: str
+    probability: float = Field(ge=0, le=1)
+    priority: Literal["stat", "routine"]
+
+
+class Manifest(_Strict):
+    """``manifest.toml`` of one model folder."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    version: str = Field(min_length=1, max_length=64)
+    description: str = ""
+    kind: Literal["triage", "qc"] = "triage"
+    not_for_clinical_use: bool
+    model_file: str = "model.pt"
+    model_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    filter: FilterSpec
+    input: InputSpec
+    output: OutputSpec
+    thresholds: list[ThresholdSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _threshold_labels(self) -> Manifest:
+        names = {label.name for label in self.output.labels}
+        for i, threshold in enumerate(self.thresholds):
+            if threshold.label not in names:
+                known = ", ".join(sorted(names))
+                raise ValueError(f"thresholds[{i}].label: unknown label {threshold.label!r} (known: {known})")
+        return self
+
+
+class ManifestError(ValueError):
+    """A model folder is unusable; the message is one line naming the file and the bad key."""
+
+
+def _location(loc: Sequence[int | str]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif not str(part).startswith("function-"):
+            text += ("." if text else "") + str(part)
+    return text
+
+
+def _validation_lines(error: ValidationError) -> list[str]:
+    lines: list[str] = []
+    for item in error.errors():
+        loc = _location(tuple(item["loc"]))
+        if item["type"] == "missing":
+            message = "missing"
+        elif item["type"] == "extra_forbidden":
+            message = "unknown key"
+        else:
+            message = str(item["msg"]).removeprefix("Value error, ")
+        # Nested validators may address a sub-item themselves ("labels[0]: ..." / "[0] ...").
+        if message.startswith("[") and loc:
+            index, _, rest = message.partition(" ")
+            lines.append(f"{loc}{index}: {rest}")
+        elif ": " in message and message.split(":", 1)[0].split("[")[0].split(".")[0].isidentifier() and loc:
+            lines.append(f"{loc}.{message}")
+        elif loc:
+            lines.append(f"{loc}: {message}")
+        else:
+            lines.append(message)
+    return lines
+
+
+def load_manifest(folder: Path) -> Manifest:
+    """Read and validate ``folder/manifest.toml`` and check the model file exists.
+
+    Raises :class:`ManifestError` with one line, e.g. ``manifest.toml: output.labels[0].code: missing``.
+    """
+    path = folder / MANIFEST_NAME
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ManifestError(f"{MANIFEST_NAME}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"{MANIFEST_NAME}: not valid TOML: {exc}") from None
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(f"{MANIFEST_NAME}: " + "; ".join(_validation_lines(exc))) from None
+    if not (folder / manifest.model_file).is_file():
+        raise ManifestError(f"{MANIFEST_NAME}: model_file: {manifest.model_file!r} not found in {folder}")
+    return manifest
+
+
+def _pattern(text: str) -> re.Pattern[str]:
+    from dicomnode.config import compile_pattern
+
+    return compile_pattern(text)
+
+
+def _applies_to(manifest: Manifest) -> Any:
+    body = [_pattern(p) for p in manifest.filter.body_parts]
+    desc = [_pattern(p) for p in manifest.filter.series_descriptions]
+
+    def applies(series: SeriesSummary) -> bool:
+        if body and not any(p.fullmatch(series.body_part.strip()) for p in body):
+            return False
+        return not (desc and not any(p.fullmatch(series.series_description.strip()) for p in desc))
+
+    return applies
+
+
+# --- device -------------------------------------------------------------------------------------
+
+
+def select_device(preference: str) -> str:
+    """``"cuda"`` when CUDA is available and ``preference`` allows it ("auto" or "cuda"), else "cpu"."""
+    import torch
+
+    if preference in ("auto", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+# --- analyzer -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Scores:
+    slice_scores: npt.NDArray[np.float32]  # (slices, labels)
+    masks: list[npt.NDArray[np.bool_]] | None  # one (slices, rows, columns) per label
+
+
+class TorchAnalyzer:
+    """A loaded TorchScript model plus its manifest; implements the ``Analyzer`` protocol."""
+
+    def __init__(self, manifest: Manifest, module: torch.jit.ScriptModule, device: str) -> None:
+        self.manifest = manifest
+        self.name = manifest.name
+        self.version = manifest.version
+        self.kind = AnalyzerKind(manifest.kind)
+        self.device = device
+        self._module = module
+
+    # The public entry point: never raises for bad input.
+    def analyze(self, volume: Volume) -> Findings:
+        start = time.monotonic()
+        problem = self._refuse(volume)
+        if problem:
+            return self._failed(problem, start)
+        notes = tuple(volume.problems)
+        try:
+            scores = self._infer(volume)
+        except Exception as exc:  # a model error must become FAILED findings, not a dead worker
+            return self._failed(f"inference failed: {type(exc).__name__}: {exc}", start)
+        findings = self._findings(volume, scores)
+        priority = self._priority(findings)
+        return Findings(
+            analyzer=self.name,
+            version=self.version,
+            kind=self.kind,
+            status=FindingsStatus.PARTIAL if notes else FindingsStatus.COMPLETE,
+            findings=findings,
+            priority=priority,
+            notes=notes,
+            duration_s=time.monotonic() - start,
+            not_for_clinical_use=self.manifest.not_for_clinical_use,
+        )
+
+    def _failed(self, error: str, start: float) -> Findings:
+        return Findings(
+            analyzer=self.name,
+            version=self.version,
+            kind=self.kind,
+            status=FindingsStatus.FAILED,
+            error=error,
+            duration_s=time.monotonic() - start,
+            not_for_clinical_use=self.manifest.not_for_clinical_use,
+        )
+
+    def _refuse(self, volume: Volume) -> str:
+        modalities = self.manifest.filter.modalities
+        if volume.modality.upper() not in modalities:
+            return (
+                f"modality {volume.modality or '(none)'!r} is not handled by {self.name} "
+                f"(expects {', '.join(modalities)})"
+            )
+        pixels = volume.pixels
+        if pixels.ndim != 3:
+            return f"pixels must be (slices, rows, columns), got {pixels.ndim} dimensions"
+        if 0 in pixels.shape:
+            return f"empty volume (shape {tuple(pixels.shape)})"
+        for problem in volume.problems:
+            text = problem.lower()
+            if "frame of reference" in text or "frames of reference" in text:
+                return f"inconsistent geometry: {problem}"
+        if not all(math.isfinite(s) and s > 0 for s in volume.spacing):
+            return f"invalid pixel spacing {volume.spacing}"
+        return ""
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def _intensity(self, x: torch.Tensor, volume_stats: tuple[float, float] | None) -> torch.Tensor:
+        """(N, H, W) HU -> (N, C, H, W) network input per the manifest's windows/normalisation."""
+        import torch
+
+        spec = self.manifest.input
+        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        if spec.windows:
+            channels = [((x - (w.center - w.width / 2)) / w.width).clamp_(0.0, 1.0) for w in spec.windows]
+            return torch.stack(channels, dim=1)
+        norm = spec.normalize
+        assert norm is not None
+        mean = norm.mean if norm.mean is not None else (volume_stats[0] if volume_stats else 0.0)
+        std = norm.std if norm.std is not None else (volume_stats[1] if volume_stats else 1.0)
+        return ((x - mean) / max(std, 1e-6)).unsqueeze(1)
+
+    def _volume_stats(self, volume: Volume) -> tuple[float, float] | None:
+        norm = self.manifest.input.normalize
+        if norm is None or (norm.mean is not None and norm.std is not None):
+            return None
+        mean = 0.0
+        sq = 0.0
+        n = 0
+        for k in range(volume.pixels.shape[0]):  # per slice, so no float64 copy of the volume
+            s = np.nan_to_num(volume.pixels[k].astype(np.float64))
+            mean += float(s.sum())
+            sq += float((s * s).sum())
+            n += s.size
+        mean /= n
+        return mean, math.sqrt(max(sq / n - mean * mean, 1e-12))
+
+    def _target_hw(self, volume: Volume) -> tuple[int, int]:
+        spec = self.manifest.input
+        rows, cols = volume.pixels.shape[1:]
+        if spec.size is not None:
+            return spec.size[-2], spec.size[-1]
+        if spec.spacing is not None:
+            return (
+                max(1, round(rows * volume.spacing[1] / spec.spacing[0])),
+                max(1, round(cols * volume.spacing[2] / spec.spacing[1])),
+            )
+        return rows, cols
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        act = self.manifest.output.activation
+        if act == "sigmoid":
+            return torch.sigmoid(logits)
+        if act == "softmax":
+            return torch.softmax(logits, dim=1)
+        return logits
+
+    def _batches(self, n: int) -> Iterator[slice]:
+        size = self.manifest.input.batch_size
+        for first in range(0, n, size):
+            yield slice(first, min(n, first + size))
+
+    def _infer(self, volume: Volume) -> _Scores:
+        import torch
+        from torch.nn.functional import interpolate
+
+        if self.manifest.input.mode == "3d":
+            return self._infer_3d(volume)
+        out = self.manifest.output
+        n, rows, cols = volume.pixels.shape
+        n_labels = len(out.labels)
+        target = self._target_hw(volume)
+        stats = self._volume_stats(volume)
+        slice_scores = np.zeros((n, n_labels), dtype=np.float32)
+        segmentation = out.kind == "segmentation"
+        masks = [np.zeros((n, rows, cols), dtype=np.bool_) for _ in range(n_labels)] if segmentation else None
+        with torch.inference_mode():
+            for batch in self._batches(n):
+                x = torch.from_numpy(np.ascontiguousarray(volume.pixels[batch], dtype=np.float32))
+                x = self._intensity(x.to(self.device), stats)
+                if (rows, cols) != target:
+                    x = interpolate(x, size=target, mode="bilinear", align_corners=False)
+                y = self._module(x)
+                expected = 4 if segmentation else 2
+                if not isinstance(y, torch.Tensor) or y.ndim != expected or y.shape[1] != n_labels:
+                    shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                    raise ValueError(
+                        f"model output {shape} does not match output.kind={out.kind!r} "
+                        f"with {n_labels} label(s)"
+                    )
+                p = self._activate(y.float())
+                if not segmentation:
+                    slice_scores[batch] = p.cpu().numpy()
+                    continue
+                assert masks is not None
+                flat = p.flatten(2)
+                k = min(out.top_k, flat.shape[2])
+                slice_scores[batch] = flat.topk(k, dim=2).values.mean(dim=2).cpu().numpy()
+                if tuple(p.shape[2:]) != (rows, cols):
+                    p = interpolate(p, size=(rows, cols), mode="bilinear", align_corners=False)
+                binary = (p >= out.mask_threshold).cpu().numpy()
+                for j in range(n_labels):
+                    masks[j][batch] = binary[:, j]
+        return _Scores(slice_scores, masks)
+
+    def _infer_3d(self, volume: Volume) -> _Scores:
+        import torch
+        from torch.nn.functional import interpolate
+
+        out = self.manifest.output
+        size = self.manifest.input.size
+        assert size is not None
+        n, rows, cols = volume.pixels.shape
+        n_labels = len(out.labels)
+        stats = self._volume_stats(volume)
+        with torch.inference_mode():
+            # Resample slab by slab in-plane first, so no full-resolution float copy is made.
+            planes = []
+            for batch in self._batches(n):
+                x = torch.from_numpy(np.ascontiguousarray(volume.pixels[batch], dtype=np.float32))
+                x = self._intensity(x.to(self.device), stats)
+                planes.append(
+                    interpolate(x, size=tuple(size[1:]), mode="bilinear", align_corners=False)
+                )
+            x = torch.cat(planes).permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, n, h, w)
+            x = interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)
+            y = self._module(x)
+            segmentation = out.kind == "segmentation"
+            expected = 5 if segmentation else 2
+            if not isinstance(y, torch.Tensor) or y.ndim != expected or y.shape[1] != n_labels:
+                shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ValueError(f"model output {shape} does not match output.kind={out.kind!r} (3d)")
+            p = self._activate(y.float())[0]
+        if not segmentation:
+            return _Scores(np.repeat(p.cpu().numpy()[None, :], n, axis=0).astype(np.float32), None)
+        prob = p.cpu().numpy()  # (labels, d, h, w), bounded by manifest size
+        k = min(out.top_k, prob[0].size)
+        series = np.sort(prob.reshape(n_labels, -1), axis=1)[:, -k:].mean(axis=1)
+        # Nearest-neighbour map back to the source grid, one source slice at a time.
+        zi = np.minimum(((np.arange(n) + 0.5) * size[0] / n).astype(int), size[0] - 1)
+        ri = np.minimum(((np.arange(rows) + 0.5) * size[1] / rows).astype(int), size[1] - 1)
+        ci = np.minimum(((np.arange(cols) + 0.5) * size[2] / cols).astype(int), size[2] - 1)
+        masks = []
+        for j in range(n_labels):
+            binary = prob[j] >= out.mask_threshold
+            mask = np.zeros((n, rows, cols), dtype=np.bool_)
+            for z in range(n):
+                mask[z] = binary[zi[z]][np.ix_(ri, ci)]
+            masks.append(mask)
+        return _Scores(np.repeat(series[None, :], n, axis=0).astype(np.float32), masks)
+
+    # -- findings ------------------------------------------------------------------------------
+
+    def _findings(self, volume: Volume, scores: _Scores) -> tuple[Finding, ...]:
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        findings = []
+        for j, label in enumerate(self.manifest.output.labels):
+            probability = float(scores.slice_scores[:, j].max())
+            present = probability >= label.threshold
+            mask = None
+            measurements: tuple[Measurement, ...] = ()
+            if scores.masks is not None and present and scores.masks[j].any():
+                assert label.category is not None and label.type is not None
+                array = scores.masks[j]
+                mask = Mask(
+                    array=array, label=label.name, category=label.category.code(), type=label.type.code()
+                )
+                measurements = (
+                    Measurement(
+                        name=VOLUME_CODE,
+                        value=round(float(array.sum()) * voxel_ml, 3),
+                        unit=MILLILITER,
+                        description=f"{label.name} volume",
+                    ),
+                )
+            findings.append(
+                Finding(
+                    finding_type=label.code.code(),
+                    tracking_id=f"{self.name}/{label.name}",
+                    present=present,
+                    probability=round(probability, 6),
+                    measurements=measurements,
+                    mask=mask,
+                )
+            )
+        return tuple(findings)
+
+    def _priority(self, findings: tuple[Finding, ...]) -> Priority:
+        by_label = {label.name: f for label, f in zip(self.manifest.output.labels, findings, strict=True)}
+        priority = Priority.ROUTINE
+        for threshold in self.manifest.thresholds:
+            probability = by_label[threshold.label].probability or 0.0
+            if probability >= threshold.probability:
+                priority = min(priority, Priority.parse(threshold.priority))
+        return priority
+
+
+def load_model(folder: Path, device: str = "cpu") -> TorchAnalyzer:
+    """Load a model folder: validate the manifest, check the file hash if given, load TorchScript."""
+    import torch
+
+    manifest = load_manifest(folder)
+    path = folder / manifest.model_file
+    if manifest.model_sha256 is not None:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != manifest.model_sha256:
+            raise ManifestError(f"{MANIFEST_NAME}: model_sha256: {manifest.model_file} has sha256 {digest}")
+    module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
+    module.eval()
+    return TorchAnalyzer(manifest, module, device)
+
+
+# --- discovery ----------------------------------------------------------------------------------
+
+
+def model_folders(settings: AnalysisSettings) -> list[Path]:
+    """Shipped model folders (when enabled) then ``settings.model_dirs``; a configured folder is
+    either a model folder itself or a folder of model folders."""
+    folders: list[Path] = []
+    roots: list[Path] = [SHIPPED_DIR] if settings.shipped_models and SHIPPED_DIR.is_dir() else []
+    for root in roots:
+        folders += sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    for configured in settings.model_dirs:
+        path = Path(configured)
+        if (path / MANIFEST_NAME).is_file() or not path.is_dir():
+            folders.append(path)
+        else:
+            folders += sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    return folders
+
+
+def _unavailable(name: str, reason: str) -> AnalyzerSpec:
+    def load() -> Analyzer:
+        raise ManifestError(reason)
+
+    return AnalyzerSpec(
+        name=name,
+        version="",
+        kind=AnalyzerKind.TRIAGE,
+        modalities=frozenset(),
+        load=load,
+        unavailable=reason,
+    )
+
+
+def spec_for(folder: Path, device: str) -> AnalyzerSpec:
+    """A spec for one model folder; a malformed folder gives a spec whose ``unavailable`` says why."""
+    try:
+        manifest = load_manifest(folder)
+    except ManifestError as exc:
+        return _unavailable(folder.name, f"{folder}: {exc}")
+
+    def load() -> Analyzer:
+        return load_model(folder, device)
+
+    clinical = "" if not manifest.not_for_clinical_use else "NOT FOR CLINICAL USE. "
+    return AnalyzerSpec(
+        name=manifest.name,
+        version=manifest.version,
+        kind=AnalyzerKind(manifest.kind),
+        modalities=frozenset(manifest.filter.modalities),
+        load=load,
+        description=clinical + manifest.description,
+        applies_to=_applies_to(manifest),
+    )
+
+
+def specs(settings: AnalysisSettings) -> list[AnalyzerSpec]:
+    """Specs of the shipped models and of ``settings.model_dirs``. Nothing is loaded here."""
+    device = select_device(settings.device)
+    result: list[AnalyzerSpec] = []
+    seen: dict[str, Path] = {}
+    for folder in model_folders(settings):
+        if not folder.is_dir():
+            result.append(_unavailable(folder.name or str(folder), f"{folder}: model folder not found"))
+            continue
+        spec = spec_for(folder, device)
+        if spec.name in seen:
+            reason = f"{folder}: model name {spec.name!r} is already provided by {seen[spec.name]}"
+            spec = _unavailable(f"{spec.name}@{len(result)}", reason)
+        seen.setdefault(spec.name, folder)
+        result.append(spec)
+    return result

@@ -1,0 +1,155 @@
+"""Durable bytes: every file is written to a temporary name, fsynced, linked into its final path
+(built only from validated UIDs) and the directory fsynced, before anyone is told it exists.
+
+Layout under the spool root::
+
+    incoming/                      temporary files; anything here after a crash is debris
+    instances/<study>/<series>/<sop>.dcm
+    results/<study>/<series>/<sop>.dcm
+
+The final link is made with ``os.link`` so an existing file is never overwritten: the first copy of
+a SOP Instance wins (see ``docs/conformance.md``, duplicates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from dicomnode.errors import CannotUnderstand, OutOfResources
+
+# PS3.5 9.1: components of digits, no leading zero unless the component is "0"; 64 characters max.
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def valid_uid(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
+def require_uid(name: str, value: object) -> str:
+    """Return ``value`` if it is a valid UID; the path components of the spool depend on it."""
+    if not valid_uid(value):
+        raise CannotUnderstand(f"{name} {str(value)[:70]!r} is not a valid UID")
+    return str(value)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """A directory of immutable DICOM files, written crash-safely."""
+
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = root.resolve()
+        self.incoming = self.root / "incoming"
+        self.min_free_bytes = min_free_bytes
+        for sub in ("incoming", "instances", "results"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    # --- paths ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def instance_path(study_uid: str, series_uid: str, sop_uid: str, area: str = "instances") -> str:
+        """Relative path of an object; every component is a validated UID, so no traversal."""
+        parts = [
+            require_uid("StudyInstanceUID", study_uid),
+            require_uid("SeriesInstanceUID", series_uid),
+            require_uid("SOPInstanceUID", sop_uid) + ".dcm",
+        ]
+        return "/".join([area, *parts])
+
+    def path(self, relative: str) -> Path:
+        full = (self.root / relative).resolve()
+        if self.root not in full.parents:
+            raise ValueError(f"spool path {relative!r} escapes the spool")
+        return full
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def check_space(self, incoming_bytes: int = 0) -> None:
+        """Raise :class:`OutOfResources` when accepting ``incoming_bytes`` would cross the floor."""
+        free = shutil.disk_usage(self.root).free
+        if free - incoming_bytes < self.min_free_bytes:
+            raise OutOfResources(
+                f"spool has {free // 2**20} MiB free, below the floor of "
+                f"{self.min_free_bytes // 2**20} MiB"
+            )
+
+    def write(self, relative: str, *chunks: bytes) -> bool:
+        """Durably write ``chunks`` to ``relative``. Returns False if the file already existed
+        (nothing is overwritten). Raises :class:`OutOfResources` on a full disk."""
+        target = self.path(relative)
+        size = sum(len(c) for c in chunks)
+        self.check_space(size)
+        temp = self.incoming / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return self._link(temp, target)
+        except OSError as exc:
+            raise OutOfResources(f"cannot write to spool: {exc.strerror or exc}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+
+    def _link(self, temp: Path, target: Path) -> bool:
+        parent = target.parent
+        if parent not in self._known_dirs:
+            created = not parent.exists()
+            parent.mkdir(parents=True, exist_ok=True)
+            if created:
+                # New directories must themselves be durable entries of their parents.
+                for ancestor in [parent, *parent.parents]:
+                    if ancestor == self.root:
+                        break
+                    _fsync_dir(ancestor.parent)
+            self._known_dirs.add(parent)
+        try:
+            os.link(temp, target)
+        except FileExistsError:
+            return False
+        _fsync_dir(parent)
+        return True
+
+    # --- reading and recovery -------------------------------------------------------------------
+
+    def read(self, relative: str) -> bytes:
+        return self.path(relative).read_bytes()
+
+    def exists(self, relative: str) -> bool:
+        return self.path(relative).is_file()
+
+    def remove_debris(self) -> int:
+        """Delete temporary files left by a crash; returns how many were removed."""
+        removed = 0
+        for entry in self.incoming.iterdir():
+            entry.unlink()
+            removed += 1
+        if removed:
+            _fsync_dir(self.incoming)
+        return removed
+
+    def files(self, area: str = "instances") -> Iterator[str]:
+        """Relative paths of every stored object in ``area``."""
+        base = self.root / area
+        for path in base.rglob("*.dcm"):
+            yield path.relative_to(self.root).as_posix()
