@@ -79,7 +79,7 @@ class TlsSettings(_Settings):
 class NodeSettings(_Settings):
     ae_title: AETitle = "DICOMNODE"
     host: Host = "127.0.0.1"
-    port: Port = 11112
+    port: int = Field(default=11112, ge=0, le=65535, description="0 picks a free port (tests)")
     data_dir: Path = Path("./data")
     max_associations: int = Field(default=16, ge=1, le=1024)
     max_pdu: int = Field(

@@ -8,6 +8,7 @@ stored with a rescale, so the same seed always produces byte-identical files.
 from __future__ import annotations
 
 import datetime as _dt
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,19 +26,24 @@ from pydicom.uid import (
 )
 
 
+def seed_int(*parts: object) -> int:
+    """A stable 32-bit seed (``hash()`` is salted per process, so it cannot be used)."""
+    return zlib.crc32("|".join(map(str, parts)).encode())
+
+
 def uid(seed: object, *parts: object) -> UID:
     return generate_uid(entropy_srcs=[str(seed), *map(str, parts)])
 
 
 def _patient_study(ds: Dataset, seed: object, study_uid: str) -> None:
     ds.PatientName = f"SYNTHETIC^PATIENT{seed}"
-    ds.PatientID = f"SYN{seed}"
+    ds.PatientID = f"SYN{seed_int(seed) % 10**8}"
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "O"
     ds.StudyInstanceUID = study_uid
     ds.StudyDate = "20260101"
     ds.StudyTime = "120000"
-    ds.AccessionNumber = f"ACC{seed}"
+    ds.AccessionNumber = f"A{seed_int(seed) % 10**8}"
     ds.ReferringPhysicianName = ""
     ds.StudyID = "1"
     ds.StudyDescription = "SYNTHETIC STUDY"
@@ -77,7 +83,7 @@ def ct_series(
     images_in_acquisition: bool = False,
 ) -> list[Dataset]:
     """An axial CT series, one dataset per slice (with file meta, Explicit VR Little Endian)."""
-    rng = np.random.default_rng(abs(hash(("ct", str(seed)))) % 2**32)
+    rng = np.random.default_rng(seed_int("ct", seed))
     study = study_uid or uid(seed, "study")
     series = uid(seed, "series", series_number)
     frame = uid(seed, "frame", series_number)
@@ -136,7 +142,7 @@ def ct_series(
 def mr_series(n_slices: int = 8, rows: int = 64, cols: int = 64, seed: object = 0) -> list[Dataset]:
     """An axial T1-like MR series (no rescale), for routing and analysis tests."""
     datasets = ct_series(n_slices, rows, cols, seed, series_description="T1 AXIAL", series_number=2)
-    rng = np.random.default_rng(abs(hash(("mr", str(seed)))) % 2**32)
+    rng = np.random.default_rng(seed_int("mr", seed))
     for i, ds in enumerate(datasets):
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
         ds.Modality = "MR"
@@ -159,7 +165,7 @@ def mr_series(n_slices: int = 8, rows: int = 64, cols: int = 64, seed: object = 
 
 def cr_image(rows: int = 256, cols: int = 256, seed: object = 0) -> Dataset:
     """A chest-radiograph-like CR image."""
-    rng = np.random.default_rng(abs(hash(("cr", str(seed)))) % 2**32)
+    rng = np.random.default_rng(seed_int("cr", seed))
     y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
     body = np.exp(-(((x - cols / 2) / (0.35 * cols)) ** 2 + ((y - rows / 2) / (0.45 * rows)) ** 2))
     img = 500 + 2500 * body + rng.normal(0, 30, (rows, cols))

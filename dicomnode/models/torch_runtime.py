@@ -316,8 +316,11 @@ def select_device(preference: str) -> str:
 # --- analyzer -----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Scores:
+@dataclass(frozen=True)
+class Prediction:
+    """Raw model output on the source grid: one score per slice and label (for 3D models the
+    series score repeated), and for segmentation one boolean mask per label."""
+
     slice_scores: npt.NDArray[np.float32]  # (slices, labels)
     masks: list[npt.NDArray[np.bool_]] | None  # one (slices, rows, columns) per label
 
@@ -341,7 +344,7 @@ class TorchAnalyzer:
             return self._failed(problem, start)
         notes = tuple(volume.problems)
         try:
-            scores = self._infer(volume)
+            scores = self.predict(volume)
         except Exception as exc:  # a model error must become FAILED findings, not a dead worker
             return self._failed(f"inference failed: {type(exc).__name__}: {exc}", start)
         findings = self._findings(volume, scores)
@@ -448,7 +451,8 @@ class TorchAnalyzer:
         for first in range(0, n, size):
             yield slice(first, min(n, first + size))
 
-    def _infer(self, volume: Volume) -> _Scores:
+    def predict(self, volume: Volume) -> Prediction:
+        """Run the network over ``volume`` (already checked), streaming batches of slices."""
         import torch
         from torch.nn.functional import interpolate
 
@@ -489,9 +493,9 @@ class TorchAnalyzer:
                 binary = (p >= out.mask_threshold).cpu().numpy()
                 for j in range(n_labels):
                     masks[j][batch] = binary[:, j]
-        return _Scores(slice_scores, masks)
+        return Prediction(slice_scores, masks)
 
-    def _infer_3d(self, volume: Volume) -> _Scores:
+    def _infer_3d(self, volume: Volume) -> Prediction:
         import torch
         from torch.nn.functional import interpolate
 
@@ -507,9 +511,7 @@ class TorchAnalyzer:
             for batch in self._batches(n):
                 x = torch.from_numpy(np.ascontiguousarray(volume.pixels[batch], dtype=np.float32))
                 x = self._intensity(x.to(self.device), stats)
-                planes.append(
-                    interpolate(x, size=tuple(size[1:]), mode="bilinear", align_corners=False)
-                )
+                planes.append(interpolate(x, size=tuple(size[1:]), mode="bilinear", align_corners=False))
             x = torch.cat(planes).permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, n, h, w)
             x = interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)
             y = self._module(x)
@@ -520,7 +522,7 @@ class TorchAnalyzer:
                 raise ValueError(f"model output {shape} does not match output.kind={out.kind!r} (3d)")
             p = self._activate(y.float())[0]
         if not segmentation:
-            return _Scores(np.repeat(p.cpu().numpy()[None, :], n, axis=0).astype(np.float32), None)
+            return Prediction(np.repeat(p.cpu().numpy()[None, :], n, axis=0).astype(np.float32), None)
         prob = p.cpu().numpy()  # (labels, d, h, w), bounded by manifest size
         k = min(out.top_k, prob[0].size)
         series = np.sort(prob.reshape(n_labels, -1), axis=1)[:, -k:].mean(axis=1)
@@ -535,11 +537,11 @@ class TorchAnalyzer:
             for z in range(n):
                 mask[z] = binary[zi[z]][np.ix_(ri, ci)]
             masks.append(mask)
-        return _Scores(np.repeat(series[None, :], n, axis=0).astype(np.float32), masks)
+        return Prediction(np.repeat(series[None, :], n, axis=0).astype(np.float32), masks)
 
     # -- findings ------------------------------------------------------------------------------
 
-    def _findings(self, volume: Volume, scores: _Scores) -> tuple[Finding, ...]:
+    def _findings(self, volume: Volume, scores: Prediction) -> tuple[Finding, ...]:
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         findings = []
         for j, label in enumerate(self.manifest.output.labels):

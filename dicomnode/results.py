@@ -1,0 +1,604 @@
+"""Encode one analyzer's :class:`~dicomnode.domain.Findings` as DICOM result objects.
+
+Pure: findings + the source series headers in, Part 10 bytes out (no disk, no network, no clock
+unless ``created`` is left out). Two objects are produced (see ``docs/results.md`` for every
+template and code emitted):
+
+* always a **Comprehensive 3D SR** (PS3.3 A.35.13) holding a TID 1500 Measurement Report, laid out
+  as in the IHE AI Results (AIR) profile: a DEVICE observer (TID 1004), one TID 1501 group per
+  finding without mask and one TID 1411 group per finding with a mask, and a document-level
+  "Qualitative Evaluations" container (TID 1500 rows 12-14) for the triage priority, the failure
+  reason and the analyzer's notes;
+* a **Segmentation** (PS3.3 A.51, BINARY) when any finding carries a :class:`~dicomnode.domain.Mask`;
+  each TID 1411 group points at its segment (Referenced Segment, TID 1411 row 8) and the segment
+  carries the same Tracking ID / Tracking UID as the group.
+
+Every UID is derived from (series, epoch, analyzer, version, kind, part) so that re-running the
+same epoch re-creates the same SOP Instances (GUIDE principle 4) and a new epoch creates new ones
+that reference the previous report through the Predecessor Documents Sequence (PS3.3 C.17.2.3).
+
+Values copied from scanner headers (Patient and Study modules, geometry) are repaired first
+(:func:`sanitized_header`) because scanners emit over-long LO, four-component dates and the like
+that a strict writer (``pydicom.config.settings.writing_validation_mode = RAISE``) refuses.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import io
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from pydicom import config
+from pydicom.datadict import dictionary_VM
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, DT, MAX_VALUE_LEN, TM, DSfloat, validate_value
+
+from dicomnode.domain import Code, Finding, Findings, FindingsStatus, Priority, ResultObject
+
+__all__ = [
+    "NOT_FOR_CLINICAL_USE",
+    "build_results",
+    "device_observer_uid",
+    "result_uid",
+    "sanitized_header",
+]
+
+NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
+
+SR_SERIES_NUMBER = 9901
+SEG_SERIES_NUMBER = 9902
+
+# --- codes (verified against PS3.16 as shipped in pydicom's concept dictionary; see docs/results.md)
+_PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")  # CID 240 Present-Absent
+_ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")  # CID 240 Present-Absent
+_PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
+_UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
+_PRIORITY = hd.sr.CodedConcept("260870009", "SCT", "Priority")
+_URGENT = hd.sr.CodedConcept("103391001", "SCT", "Urgent")
+_ROUTINE = hd.sr.CodedConcept("50811001", "SCT", "Routine")
+_PRIORITY_VALUE = {Priority.STAT: _URGENT, Priority.ROUTINE: _ROUTINE}
+_QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+_COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+# Procedure Reported (TID 1500 row 4, CID 100 "Quantitative Diagnostic Imaging Procedure")
+_PROCEDURES = {
+    "CT": hd.sr.CodedConcept("77477000", "SCT", "Computed tomography"),
+    "MR": hd.sr.CodedConcept("113091000", "SCT", "Magnetic resonance imaging"),
+    "PT": hd.sr.CodedConcept("82918005", "SCT", "Positron emission tomography"),
+}
+_IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+
+_PN_SINGLE_COMPONENT = r".*unlikely to represent the intended person name.*"
+
+
+def result_uid(
+    series_uid: str,
+    epoch: int,
+    analyzer: str,
+    version: str,
+    kind: str,
+    part: str = "",
+    *,
+    prefix: str | None = None,
+) -> str:
+    """A UID that depends only on its arguments (GUIDE principle 4: idempotent results).
+
+    ``kind`` is the object ("sr", "seg", "tracking") and ``part`` what inside it ("series",
+    "instance", a tracking identifier). Built with ``pydicom.uid.generate_uid(prefix,
+    entropy_srcs)``, i.e. a SHA-512 of the inputs below the given root (PS3.5 9.1); ``prefix`` None
+    uses pydicom's root.
+    """
+    sources = ["dicomnode", series_uid, str(epoch), analyzer, version, kind, part]
+    return _uid(prefix, sources)
+
+
+def device_observer_uid(analyzer: str, version: str, *, prefix: str | None = None) -> str:
+    """Device Observer UID (TID 1004 row 1): stable for one model name + version on every node."""
+    return _uid(prefix, ["dicomnode-device", analyzer, version])
+
+
+def _uid(prefix: str | None, sources: list[str]) -> str:
+    if prefix is None:
+        return str(generate_uid(entropy_srcs=sources))
+    return str(generate_uid(prefix, entropy_srcs=sources))
+
+
+# --- header repair ---------------------------------------------------------------------------
+
+_TEXT_VRS = {"AE", "CS", "LO", "SH", "LT", "ST", "UT", "UC", "PN", "DA", "TM", "DT", "DS", "IS", "AS"}
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
+
+
+def sanitized_header(header: Dataset) -> Dataset:
+    """A deep copy of ``header`` in which every invalid string value is repaired or emptied.
+
+    Scanners send values that PS3.5 6.2 forbids (LO over 64 characters, ``2024-01-31`` in a DA,
+    over-long DS, lower-case CS, control characters). Copied as-is they make the result objects
+    unwritable under strict validation. Repairs keep as much as possible: truncate to the VR's
+    maximum length, reformat numbers and dates, upper-case code strings; a value that still fails
+    is replaced by an empty value (allowed for the Type 2 Patient/Study attributes we copy).
+    UIDs are never altered: a changed UID would point at a different object.
+    """
+    ds = copy.deepcopy(header)
+    _repair(ds)
+    return ds
+
+
+def _repair(ds: Dataset) -> None:
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _repair(item)
+            continue
+        if elem.VR not in _TEXT_VRS or elem.value is None or elem.value == "":
+            continue
+        values = list(elem.value) if elem.VM > 1 else [elem.value]
+        if len(values) > 1 and _single_valued(elem.tag):
+            values = [" ".join(str(v) for v in values)]  # a backslash inside a VM 1 text value
+        fixed = [_repair_value(elem.VR, v) for v in values]
+        if fixed != values or elem.VM != len(fixed):
+            elem.value = fixed if len(fixed) > 1 else fixed[0]
+    if "PatientSex" in ds and ds.PatientSex not in ("M", "F", "O", ""):
+        ds.PatientSex = ""  # C.7.1.1: enumerated M/F/O, Type 2
+
+
+def _single_valued(tag: Any) -> bool:
+    try:
+        return bool(dictionary_VM(tag) == "1")
+    except KeyError:
+        return False
+
+
+def _fit_person_name_group(group: str, limit: int = 64) -> str:
+    """A PN component group within 64 characters, with at least one ``^`` (PS3.5 6.2.1.1).
+
+    The longest components are shortened first so family and given names both survive. A group
+    without ``^`` ("ANONYMOUS", "Dr. Who") is all family name; writing it as "ANONYMOUS^" says the
+    same (trailing empty components may be omitted or not) and avoids dciodvfy's "Retired Person
+    Name form" warning.
+    """
+    components = group.split("^")[:5]
+    if group.strip() and len(components) == 1:
+        components.append("")
+    while len("^".join(components)) > limit:
+        longest = max(range(len(components)), key=lambda i: len(components[i]))
+        components[longest] = components[longest][:-1]
+    return "^".join(components)
+
+
+_TEMPORAL = {"DA": DA, "TM": TM, "DT": DT}
+
+
+def _is_valid(vr: str, value: Any) -> bool:
+    """PS3.5 6.2 validity as pydicom checks it, plus a real calendar date/time for DA, TM, DT."""
+    try:
+        # pydicom checks a PersonName object's type only; the component group limit needs the text
+        validate_value(vr, str(value) if vr == "PN" else value, validation_mode=config.RAISE)
+        if vr in _TEMPORAL and value not in ("", None):
+            _TEMPORAL[vr](value)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
+
+
+def _repair_value(vr: str, value: Any) -> Any:
+    if vr == "PN" and not _is_valid(vr, value) or vr == "PN" and "^" not in str(value):
+        groups = _CONTROL.sub("", str(value)).split("=")
+        return "=".join(_fit_person_name_group(g) for g in groups[:3])
+    if _is_valid(vr, value):
+        return value
+    fixed: Any
+    if vr in ("DS", "IS"):
+        try:
+            number = float(str(value))
+            fixed = str(DSfloat(number, auto_format=True)) if vr == "DS" else str(int(round(number)))
+        except (ValueError, OverflowError):
+            fixed = ""
+    elif vr == "DA":
+        digits = re.sub(r"[-./ ]", "", str(value).strip())
+        fixed = digits[:8]
+    elif vr == "TM":
+        fixed = re.sub(r"[: ]", "", str(value).strip())
+    elif vr == "CS":
+        fixed = re.sub(r"[^A-Z0-9 _]", "_", str(value).strip().upper())[:16]
+    else:
+        text = _CONTROL.sub("", str(value))
+        if vr in ("AE", "CS", "LO", "SH", "UC", "AS"):
+            text = text.replace("\\", " ").replace("\n", " ").replace("\r", " ")
+        fixed = text[: MAX_VALUE_LEN.get(vr, len(text))].rstrip()
+    return fixed if _is_valid(vr, fixed) else ""
+
+
+# --- coded concepts ----------------------------------------------------------------------------
+
+
+def _concept(code: Code) -> hd.sr.CodedConcept:
+    """A highdicom concept; Code Meaning is LO (PS3.3 8.3): longer meanings are cut at 64."""
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning[:64])
+
+
+def _short(text: str, limit: int = 64) -> str:
+    return _CONTROL.sub("", text).replace("\\", " ")[:limit].strip() or "-"
+
+
+# --- public entry point ------------------------------------------------------------------------
+
+
+def build_results(
+    findings: Findings,
+    sources: Sequence[Dataset],
+    *,
+    epoch: int,
+    uid_prefix: str | None = None,
+    previous: Sequence[ResultObject] = (),
+    manufacturer: str = "dicomnode",
+    institution_name: str | None = None,
+    created: dt.datetime | None = None,
+) -> list[ResultObject]:
+    """Encode ``findings`` about the series whose headers are ``sources`` (sorted as the volume).
+
+    Returns the SEG first (when any finding has a mask) and the SR last, because the SR
+    references the SEG. ``previous`` are the result objects of an earlier epoch of the same series
+    and analyzer: their SR is listed in the new SR's Predecessor Documents Sequence.
+    ``created`` fixes Content/Series Date and Time (default: now), which makes the bytes
+    reproducible as well as the UIDs.
+    """
+    if not sources:
+        raise ValueError("sources: at least one source header is required")
+    if epoch < 0:
+        raise ValueError(f"epoch: must be >= 0, got {epoch}")
+    series_uids = {s.SeriesInstanceUID for s in sources}
+    if len(series_uids) != 1:
+        raise ValueError(f"sources: expected one series, got {len(series_uids)}")
+    for i, finding in enumerate(findings.findings):
+        _check_finding(i, finding, sources)
+
+    headers = [sanitized_header(s) for s in sources]
+    series_uid = str(sources[0].SeriesInstanceUID)
+    created = created or dt.datetime.now()
+
+    def uid(kind: str, part: str) -> str:
+        return result_uid(
+            series_uid, epoch, findings.analyzer, findings.version, kind, part, prefix=uid_prefix
+        )
+
+    description = _series_description(findings)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_PN_SINGLE_COMPONENT, category=UserWarning)
+        out: list[ResultObject] = []
+        seg: hd.seg.Segmentation | None = None
+        if any(f.mask is not None for f in findings.findings):
+            seg = _build_seg(findings, headers, uid, description, manufacturer, institution_name, created)
+            out.append(_result(findings, "seg", seg))
+        sr = _build_sr(
+            findings, headers, uid, seg, previous, description, manufacturer, institution_name, created
+        )
+        out.append(_result(findings, "sr", sr))
+    return out
+
+
+def _check_finding(i: int, finding: Finding, sources: Sequence[Dataset]) -> None:
+    if finding.probability is not None and not 0.0 <= finding.probability <= 1.0:
+        raise ValueError(f"findings[{i}].probability: must be within [0, 1], got {finding.probability}")
+    if not finding.tracking_id.strip():
+        raise ValueError(f"findings[{i}].tracking_id: must not be empty")
+    if finding.mask is not None:
+        expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
+        if tuple(finding.mask.array.shape) != expected:
+            raise ValueError(
+                f"findings[{i}].mask: shape {tuple(finding.mask.array.shape)} does not match the "
+                f"source series {expected} (slices, rows, columns)"
+            )
+
+
+def _series_description(findings: Findings) -> str:
+    text = f"{findings.analyzer} {findings.version}"
+    if findings.status is not FindingsStatus.COMPLETE:
+        text += f" {findings.status.value.upper()}"
+    if findings.not_for_clinical_use:
+        text = f"{NOT_FOR_CLINICAL_USE} {text}"
+    return _short(text)
+
+
+def _result(findings: Findings, kind: str, ds: Dataset) -> ResultObject:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return ResultObject(
+        analyzer=findings.analyzer,
+        version=findings.version,
+        kind=kind,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        data=buffer.getvalue(),
+    )
+
+
+def _dates(created: dt.datetime) -> dict[str, Any]:
+    return {
+        "content_date": created.date(),
+        "content_time": created.time().replace(microsecond=0),
+        "series_date": created.date(),
+        "series_time": created.time().replace(microsecond=0),
+    }
+
+
+# Coding schemes PS3.16 8 lists as standard; others used by an analyzer are declared (PS3.3 C.12.1.1.3).
+_STANDARD_SCHEMES = {"DCM", "SCT", "UCUM", "LN", "RADLEX", "NCIt", "UMLS", "FMA", "MDC", "SRT"}
+
+
+def _coding_schemes(findings: Findings) -> list[Any]:
+    """Coding Scheme Identification items for every non-standard scheme the analyzer used."""
+    from highdicom.coding_schemes import CodingSchemeIdentificationItem
+
+    used: set[str] = set()
+    for f in findings.findings:
+        used.update(c.scheme for c in (f.finding_type, *[m.name for m in f.measurements]))
+        used.update(m.unit.scheme for m in f.measurements)
+        used.update(c.scheme for e in f.evaluations for c in (e.name, e.value))
+        if f.mask is not None:
+            used.update((f.mask.category.scheme, f.mask.type.scheme))
+    return [
+        CodingSchemeIdentificationItem(designator=d, name=f"{d} (defined by {findings.analyzer})"[:64])
+        for d in sorted(used - _STANDARD_SCHEMES)
+    ]
+
+
+def _pin(ds: Dataset, created: dt.datetime, organization_uid: str) -> None:
+    """Replace the wall-clock and random values highdicom adds, so one input gives one byte string.
+
+    Instance Creation Date/Time (C.12.1), Contribution DateTime (C.7.5.1 Contributing Equipment)
+    and Dimension Organization UID (C.7.6.17) are otherwise taken from the clock / a random UID.
+    """
+    stamp = created.replace(microsecond=0)
+    ds.InstanceCreationDate = stamp.strftime("%Y%m%d")
+    ds.InstanceCreationTime = stamp.strftime("%H%M%S")
+    for elem in ds.iterall():
+        if elem.keyword == "ContributionDateTime":
+            elem.value = stamp.strftime("%Y%m%d%H%M%S")
+        elif elem.keyword == "DimensionOrganizationUID":
+            elem.value = organization_uid
+
+
+# --- SEG -------------------------------------------------------------------------------------
+
+
+def _build_seg(
+    findings: Findings,
+    headers: list[Dataset],
+    uid: Any,
+    description: str,
+    manufacturer: str,
+    institution_name: str | None,
+    created: dt.datetime,
+) -> hd.seg.Segmentation:
+    """One BINARY segment per finding with a mask, numbered 1.. in finding order (PS3.3 C.8.20.2).
+
+    Empty frames are omitted; when every mask is empty a single empty frame on the first source
+    slice is kept, because a Segmentation needs at least one frame (PS3.3 C.8.20.2, Number of
+    Frames >= 1) and the empty segments must still exist for the SR to reference them.
+    """
+    masked = [f for f in findings.findings if f.mask is not None]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=_short(findings.analyzer),
+        family=codes.cid7162.ArtificialIntelligence,
+        version=_short(findings.version),
+    )
+    descriptions = []
+    for number, finding in enumerate(masked, start=1):
+        assert finding.mask is not None
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=_short(finding.mask.label),
+                segmented_property_category=_concept(finding.mask.category),
+                segmented_property_type=_concept(finding.mask.type),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_uid=uid("tracking", finding.tracking_id),
+                tracking_id=_short(finding.tracking_id),
+            )
+        )
+    pixels = np.stack([f.mask.array.astype(bool) for f in masked if f.mask is not None], axis=-1)
+    images: Sequence[Dataset] = headers
+    if not pixels.any():
+        pixels, images = pixels[:1], headers[:1]
+    content_description = _short(
+        (f"{NOT_FOR_CLINICAL_USE} " if findings.not_for_clinical_use else "")
+        + f"{findings.analyzer} {findings.version} segmentation"
+    )
+    seg = hd.seg.Segmentation(
+        source_images=images,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=uid("seg", "series"),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=uid("seg", "instance"),
+        instance_number=1,
+        manufacturer=_short(manufacturer),
+        manufacturer_model_name=_short(findings.analyzer),
+        software_versions=_short(findings.version),
+        device_serial_number=_short(device_observer_uid(findings.analyzer, findings.version)),
+        content_description=content_description,
+        content_label="AI_RESULT",
+        content_creator_name=None,
+        omit_empty_frames=True,
+        series_description=description,
+        institution_name=institution_name,
+        coding_schemes=_coding_schemes(findings) or None,
+        **_dates(created),
+    )
+    _pin(seg, created, uid("seg", "dimension-organization"))
+    return seg
+
+
+# --- SR --------------------------------------------------------------------------------------
+
+
+def _build_sr(
+    findings: Findings,
+    headers: list[Dataset],
+    uid: Any,
+    seg: hd.seg.Segmentation | None,
+    previous: Sequence[ResultObject],
+    description: str,
+    manufacturer: str,
+    institution_name: str | None,
+    created: dt.datetime,
+) -> hd.sr.Comprehensive3DSR:
+    """Comprehensive 3D SR with a TID 1500 Measurement Report (PS3.16 A, TID 1500)."""
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(findings.analyzer, findings.version),
+            name=_short(findings.analyzer),
+            manufacturer_name=_short(manufacturer),
+            model_name=_short(f"{findings.analyzer} {findings.version}"),
+        ),
+    )
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=_short(findings.analyzer), version=_short(findings.version)
+    )
+    groups: list[Any] = []
+    segment_number = 0
+    for finding in findings.findings:
+        tracking = hd.sr.TrackingIdentifier(
+            uid=uid("tracking", finding.tracking_id), identifier=_short(finding.tracking_id)
+        )
+        kwargs: dict[str, Any] = {
+            "tracking_identifier": tracking,
+            "finding_type": _concept(finding.finding_type),
+            "algorithm_id": algorithm,
+            "measurements": _measurements(finding) or None,
+            "qualitative_evaluations": _evaluations(finding) or None,
+        }
+        if finding.mask is not None and seg is not None:
+            segment_number += 1
+            referenced = hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=segment_number,
+                source_series=hd.sr.SourceSeriesForSegmentation(str(headers[0].SeriesInstanceUID)),
+            )
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    referenced_segment=referenced, **kwargs
+                )
+            )
+        else:
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(**kwargs))
+
+    modality = str(headers[0].get("Modality", "")).upper()
+    procedure = _PROCEDURES.get(modality, _IMAGING_PROCEDURE)
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=procedure,
+        # TID 1500 needs rows 6, 8 or 12; highdicom insists on row 6, so an empty report gets a
+        # placeholder group that is removed again below.
+        imaging_measurements=groups or [hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=uid("tracking", ""), identifier="none")
+        )],
+        referenced_images=headers,
+    )
+    root = report[0]
+    if not groups:
+        root.ContentSequence = [
+            item for item in root.ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeValue != codes.DCM.ImagingMeasurements.value
+        ]
+    evaluations = _document_evaluations(findings)
+    if evaluations:
+        container = hd.sr.ContainerContentItem(
+            name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        container.ContentSequence = hd.sr.ContentSequence(evaluations)
+        root.ContentSequence.append(container)
+
+    evidence: list[Dataset] = list(headers)
+    if seg is not None:
+        evidence.append(seg)
+    predecessors = [_reference(r) for r in previous if r.kind == "sr"]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=uid("sr", "series"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=uid("sr", "instance"),
+        instance_number=1,
+        manufacturer=_short(manufacturer),
+        is_complete=findings.status is FindingsStatus.COMPLETE,
+        is_final=findings.status is FindingsStatus.COMPLETE,
+        is_verified=False,
+        institution_name=institution_name,
+        previous_versions=predecessors or None,
+        series_description=description,
+        manufacturer_model_name=_short(findings.analyzer),
+        software_versions=_short(findings.version),
+        coding_schemes=_coding_schemes(findings) or None,
+        **_dates(created),
+    )
+    _pin(sr, created, "")
+    return sr
+
+
+def _measurements(finding: Finding) -> list[hd.sr.Measurement]:
+    out = []
+    if finding.probability is not None:
+        out.append(hd.sr.Measurement(name=_PROBABILITY, value=finding.probability, unit=_UNITLESS))
+    for m in finding.measurements:
+        out.append(hd.sr.Measurement(name=_concept(m.name), value=m.value, unit=_concept(m.unit)))
+    return out
+
+
+def _evaluations(finding: Finding) -> list[hd.sr.QualitativeEvaluation]:
+    """Presence first (never omitted when known), then the analyzer's own coded verdicts."""
+    out = []
+    if finding.present is not None:
+        value = _PRESENT if finding.present else _ABSENT
+        out.append(hd.sr.QualitativeEvaluation(name=_concept(finding.finding_type), value=value))
+    for e in finding.evaluations:
+        out.append(hd.sr.QualitativeEvaluation(name=_concept(e.name), value=_concept(e.value)))
+    return out
+
+
+def _document_evaluations(findings: Findings) -> list[hd.sr.ContentItem]:
+    """TID 1500 rows 13-14: the triage priority (CODE) and free-text comments (TEXT)."""
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    items: list[hd.sr.ContentItem] = []
+    if findings.priority is not None:
+        items.append(
+            hd.sr.CodeContentItem(
+                name=_PRIORITY, value=_PRIORITY_VALUE[findings.priority], relationship_type=contains
+            )
+        )
+    texts = []
+    if findings.not_for_clinical_use:
+        texts.append(f"{NOT_FOR_CLINICAL_USE}: produced by {findings.analyzer} {findings.version}.")
+    if findings.status is FindingsStatus.FAILED:
+        texts.append(f"Analysis failed: {findings.error or 'no reason given'}")
+    elif findings.status is FindingsStatus.PARTIAL:
+        texts.append("Analysis partial" + (f": {findings.error}" if findings.error else "."))
+    texts.extend(findings.notes)
+    for text in texts:
+        items.append(hd.sr.TextContentItem(name=_COMMENT, value=_CONTROL.sub("", text), relationship_type=contains))
+    return items
+
+
+def _reference(result: ResultObject) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = result.sop_class_uid
+    ds.SOPInstanceUID = result.sop_instance_uid
+    ds.SeriesInstanceUID = result.series_instance_uid
+    ds.StudyInstanceUID = result.study_instance_uid
+    return ds
+

@@ -1,0 +1,381 @@
+"""Receiver: real DCMTK peers store, echo and get rejected; bad input gets the right status."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import NodeFactory, RunningNode, run_dcmtk, store_successes, storescu
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_preamble
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
+from pynetdicom import AE, build_context
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification
+from synthetic import ct_series, write_series
+
+from dicomnode.receiver import IMPLEMENTATION_CLASS_UID
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded data set of a Part 10 file: everything after the File Meta Information."""
+    with path.open("rb") as fp:
+        read_preamble(fp, False)
+        pydicom.filereader._read_file_meta_info(fp)
+        return fp.read()
+
+
+def spool_file(node: RunningNode, sop_uid: str) -> Path:
+    row = node.ledger.instance(sop_uid)
+    assert row is not None, f"no ledger row for {sop_uid}"
+    return node.node.spool.path(row.path)
+
+
+def test_echo_answers_with_own_implementation_uid(running_node: RunningNode) -> None:
+    result = run_dcmtk("echoscu", "-d", "-aet", "ECHOSCU", "-aec", "DICOMNODE", "127.0.0.1",
+                       str(running_node.port))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"Their Implementation Class UID:    {IMPLEMENTATION_CLASS_UID}" in output
+    assert "DICOMNODE_0.1.0" in output
+
+
+def test_storescu_series_stored_byte_exact_and_indexed(running_node: RunningNode, ct_folder: Path) -> None:
+    result = storescu(running_node.port, ct_folder)
+    assert store_successes(result) == 12, result.stdout + result.stderr
+    sent = sorted(ct_folder.iterdir())
+    for path in sent:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        stored = spool_file(running_node, ds.SOPInstanceUID)
+        assert dataset_bytes(stored) == dataset_bytes(path)
+        row = running_node.ledger.instance(ds.SOPInstanceUID)
+        assert row.calling_ae == "STORESCU"
+        assert row.peer_host == "127.0.0.1"
+        assert row.size == stored.stat().st_size
+        assert row.transfer_syntax_uid == ExplicitVRLittleEndian
+        assert row.series_instance_uid == ds.SeriesInstanceUID
+        meta = pydicom.dcmread(stored, stop_before_pixels=True).file_meta
+        assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+        assert meta.SourceApplicationEntityTitle == "STORESCU"
+    series = running_node.ledger.series_row(ds.SeriesInstanceUID)
+    assert series.instance_count == 12
+    assert series.modality == "CT"
+    assert series.body_part == "HEAD"
+
+
+@pytest.mark.parametrize(
+    ("syntax", "flag", "encoder"),
+    [
+        (RLELossless, "-xr", None),
+        (JPEG2000Lossless, "-xv", None),
+        (ImplicitVRLittleEndian, "-xi", None),
+        ("1.2.840.10008.1.2.4.70", "-xs", ("dcmcjpeg", "+e1")),  # JPEG Lossless SV1
+        ("1.2.840.10008.1.2.4.50", "-xy", ("dcmcjpeg", "+eb")),  # JPEG Baseline (8 bit)
+        ("1.2.840.10008.1.2.4.80", "-xt", ("dcmcjpls", "+el")),  # JPEG-LS Lossless
+    ],
+)
+def test_compressed_syntaxes_stored_as_received(
+    running_node: RunningNode, tmp_path: Path, syntax: str, flag: str, encoder: tuple[str, str] | None
+) -> None:
+    datasets = ct_series(3, seed=f"ts-{syntax}")
+    if syntax == "1.2.840.10008.1.2.4.50":
+        for ds in datasets:  # JPEG baseline needs 8-bit samples
+            import numpy as np
+
+            pixels = (np.frombuffer(ds.PixelData, np.uint16) >> 4).astype(np.uint8)
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+            ds.PixelData = pixels.tobytes()
+    if encoder is None:
+        files = write_series(datasets, tmp_path / "src", pydicom.uid.UID(syntax))
+    else:
+        plain = write_series(datasets, tmp_path / "plain")
+        (tmp_path / "src").mkdir()
+        files = []
+        for path in plain:
+            out = tmp_path / "src" / path.name
+            result = run_dcmtk(encoder[0], encoder[1], str(path), str(out))
+            assert result.returncode == 0, result.stderr
+            files.append(out)
+    result = storescu(running_node.port, tmp_path / "src", extra=(flag,))
+    assert store_successes(result) == 3, result.stdout + result.stderr
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        stored = spool_file(running_node, ds.SOPInstanceUID)
+        assert pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+        if syntax != ImplicitVRLittleEndian:  # storescu re-encodes explicit files it sends implicit
+            assert dataset_bytes(stored) == dataset_bytes(path)
+        assert running_node.ledger.instance(ds.SOPInstanceUID).transfer_syntax_uid == syntax
+
+
+def test_deflate_accepted(running_node: RunningNode, tmp_path: Path) -> None:
+    ds = ct_series(1, seed="deflate")[0]
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(CTImageStorage, [DeflatedExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", running_node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0x0000
+    stored = pydicom.dcmread(spool_file(running_node, ds.SOPInstanceUID))
+    assert stored.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert stored.PixelData == ds.PixelData
+
+
+def test_duplicate_sop_instance_is_success_with_one_row(running_node: RunningNode, ct_folder: Path) -> None:
+    one = sorted(ct_folder.iterdir())[0]
+    for _ in range(2):
+        assert store_successes(storescu(running_node.port, one)) == 1
+    sop = pydicom.dcmread(one, stop_before_pixels=True).SOPInstanceUID
+    assert running_node.ledger.count_instances() == 1
+    assert running_node.ledger.series_row(
+        pydicom.dcmread(one, stop_before_pixels=True).SeriesInstanceUID
+    ).instance_count == 1
+    assert spool_file(running_node, sop).exists()
+    events = [r["event"] for r in running_node.node.audit.recent]
+    assert events.count("instance.stored") == 1 and events.count("instance.duplicate") == 1
+
+
+# --- association policy --------------------------------------------------------------------------
+
+
+def _echo(port: int, calling: str, called: str = "DICOMNODE") -> str:
+    result = run_dcmtk("echoscu", "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port))
+    return result.stdout + result.stderr
+
+
+def test_unknown_calling_ae_rejected_permanently_reason_3(running_node: RunningNode) -> None:
+    output = _echo(running_node.port, "INTRUDER")
+    assert "Rejected Permanent" in output and "Calling AE Title Not Recognized" in output, output
+    assert "Peer aborted" not in output
+    # The node keeps serving.
+    assert "Received Echo Response (Success)" in _echo(running_node.port, "ECHOSCU")
+
+
+def test_known_ae_from_wrong_host_rejected(make_node: NodeFactory) -> None:
+    node = make_node(peers=[{"ae_title": "ECHOSCU", "hosts": ["127.0.0.2"]}])
+    output = _echo(node.port, "ECHOSCU")
+    assert "Rejected Permanent" in output and "Calling AE Title Not Recognized" in output, output
+    events = [r for r in node.node.audit.recent if r["event"] == "association.rejected"]
+    assert "not allowed from host 127.0.0.1" in events[-1]["reason"]
+
+
+def test_wrong_called_ae_rejected_reason_7(running_node: RunningNode) -> None:
+    output = _echo(running_node.port, "ECHOSCU", called="SOMEONEELSE")
+    assert "Rejected Permanent" in output and "Called AE Title Not Recognized" in output, output
+
+
+def test_over_max_associations_rejected_transiently(make_node: NodeFactory) -> None:
+    node = make_node(node={"max_associations": 1})
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert held.is_established
+    try:
+        output = _echo(node.port, "ECHOSCU")
+        assert "Rejected Transient" in output, output
+    finally:
+        held.release()
+    assert "Received Echo Response (Success)" in _echo(node.port, "ECHOSCU")
+
+
+def test_peer_added_at_runtime_accepted_on_next_association(running_node: RunningNode) -> None:
+    from dicomnode.config import Peer
+
+    assert "Rejected Permanent" in _echo(running_node.port, "NEWSCANNER")
+    running_node.node.receiver.update_peers([Peer(ae_title="NEWSCANNER")])
+    assert "Received Echo Response (Success)" in _echo(running_node.port, "NEWSCANNER")
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def _send_raw(port: int, sop_class: str, sop_instance: str, payload: bytes,
+              syntax: str = ExplicitVRLittleEndian) -> Dataset:
+    """Send arbitrary data set bytes in a C-STORE-RQ (no encoding by pynetdicom)."""
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(sop_class, [syntax])
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        req = C_STORE()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = sop_class
+        req.AffectedSOPInstanceUID = sop_instance
+        req.Priority = 2
+        req.DataSet = BytesIO(payload)
+        context = assoc._get_valid_context(sop_class, syntax, "scu")
+        # Pause the association reactor, as pynetdicom's own send_c_store does, so the response
+        # comes to us rather than to the reactor.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        assoc.dimse.send_msg(req, context.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
+        assert rsp is not None, "no C-STORE response"
+        status = Dataset()
+        status.Status = rsp.Status
+        status.ErrorComment = getattr(rsp, "ErrorComment", "") or ""
+        return status
+    finally:
+        assoc.release()
+
+
+def _encode(ds: Dataset) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def test_garbage_dataset_is_cannot_understand(running_node: RunningNode) -> None:
+    status = _send_raw(running_node.port, CTImageStorage, "1.2.3.4", b"\x08\x00\x16\x00garbage" * 10)
+    assert 0xC000 <= status.Status <= 0xCFFF
+    assert status.ErrorComment
+    assert running_node.ledger.count_instances() == 0
+
+
+def test_sop_class_mismatch_is_a900(running_node: RunningNode) -> None:
+    ds = ct_series(1, seed="mismatch")[0]
+    ds.Modality = "MR"
+    status = _send_raw(running_node.port, CTImageStorage, ds.SOPInstanceUID, _encode(ds))
+    assert status.Status == 0xA900
+    assert "Modality" in status.ErrorComment
+    ds = ct_series(1, seed="mismatch2")[0]
+    status = _send_raw(running_node.port, CTImageStorage, "1.2.3.999", _encode(ds))
+    assert status.Status == 0xA900 and "SOPInstanceUID" in status.ErrorComment
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "expected"),
+    [("StudyInstanceUID", None, 0xA900), ("SeriesInstanceUID", None, 0xA900),
+     ("SeriesInstanceUID", "../../../etc", 0xC000), ("StudyInstanceUID", "1.2.03", 0xC000)],
+)
+def test_missing_or_invalid_uids_refused(running_node: RunningNode, keyword: str, value: str | None,
+                                         expected: int) -> None:
+    ds = ct_series(1, seed=f"uid-{keyword}-{value}")[0]
+    if value is None:
+        delattr(ds, keyword)
+    else:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the invalid value is the point of the test
+            setattr(ds, keyword, value)
+    status = _send_raw(running_node.port, CTImageStorage, ds.SOPInstanceUID, _encode(ds))
+    assert status.Status == expected, status
+    assert running_node.ledger.count_instances() == 0
+    assert not list((running_node.node.spool.root / "instances").rglob("*.dcm"))
+
+
+def test_free_space_floor_refuses_with_a700_and_keeps_serving(make_node: NodeFactory, ct_folder: Path) -> None:
+    node = make_node(node={"min_free_mb": 10**9})
+    result = storescu(node.port, sorted(ct_folder.iterdir())[0])
+    output = result.stdout + result.stderr
+    assert "Refused: OutOfResources" in output, output
+    assert node.ledger.count_instances() == 0
+    assert "Received Echo Response (Success)" in _echo(node.port, "ECHOSCU")
+
+
+def test_full_disk_refuses_with_a700(make_node: NodeFactory, tmp_path: Path, ct_folder: Path) -> None:
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], check=True)
+    try:
+        node = make_node(node={"min_free_mb": 0, "data_dir": str(mount / "data")})
+        # Each synthetic slice is ~8 KiB; 400 KiB fills after a few dozen.
+        big = write_series(ct_series(4, 256, 256, seed="full"), tmp_path / "big")
+        result = storescu(node.port, *big)
+        output = result.stdout + result.stderr
+        assert "Refused: OutOfResources" in output, output
+        assert "Received Echo Response (Success)" in _echo(node.port, "ECHOSCU")
+        stored = node.ledger.count_instances()
+        assert stored < 4
+        assert not list((mount / "data" / "spool" / "incoming").iterdir()), "temp debris left behind"
+        node.node.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_garbage_bytes_on_socket_never_kill_the_node(running_node: RunningNode) -> None:
+    import random
+
+    rng = random.Random(7)
+    payloads = [bytes(rng.getrandbits(8) for _ in range(n)) for n in (1, 10, 100, 5000)]
+    # A-ASSOCIATE-RQ type with absurd length, and a P-DATA before association.
+    payloads += [b"\x01\x00" + struct.pack(">I", 0xFFFFFFF0) + b"\x00" * 20,
+                 b"\x04\x00" + struct.pack(">I", 6) + b"\x00" * 6]
+    for payload in payloads:
+        with socket.create_connection(("127.0.0.1", running_node.port), timeout=5) as sock:
+            sock.sendall(payload)
+            time.sleep(0.05)
+    threads = [threading.Thread(target=_echo, args=(running_node.port, "ECHOSCU")) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert "Received Echo Response (Success)" in _echo(running_node.port, "ECHOSCU")
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+def _make_pki(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate and a client certificate, made with the openssl tool."""
+    folder.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+            "-keyout", "ca.key", "-out", "ca.crt")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr")
+        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext")
+    return {p.stem + p.suffix.replace(".", "_"): p for p in folder.iterdir()}
+
+
+def test_tls_echo_and_store_with_client_certificate(make_node: NodeFactory, tmp_path: Path,
+                                                    ct_folder: Path) -> None:
+    import socket as _socket
+
+    pki = _make_pki(tmp_path / "pki")
+    with _socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        tls_port = probe.getsockname()[1]
+    node = make_node(node={"tls": {"port": tls_port, "certificate": str(pki["server_crt"]),
+                                   "private_key": str(pki["server_key"]),
+                                   "ca_certificates": str(pki["ca_crt"]),
+                                   "require_client_certificate": True}})
+    assert tls_port in node.node.receiver.ports
+    tls_args = ("+tls", str(pki["client_key"]), str(pki["client_crt"]), "+cf", str(pki["ca_crt"]))
+    result = run_dcmtk("echoscu", "-v", *tls_args, "-aet", "ECHOSCU", "-aec", "DICOMNODE", "127.0.0.1",
+                       str(tls_port))
+    assert "Received Echo Response (Success)" in result.stdout + result.stderr, result.stderr
+    result = storescu(tls_port, sorted(ct_folder.iterdir())[0], extra=tls_args)
+    assert store_successes(result) == 1, result.stdout + result.stderr
+    # Without a client certificate the TLS handshake is refused; the node keeps serving.
+    result = run_dcmtk("echoscu", "-v", "+tla", "+cf", str(pki["ca_crt"]), "-aet", "ECHOSCU", "-aec",
+                       "DICOMNODE", "127.0.0.1", str(tls_port))
+    assert "Received Echo Response (Success)" not in result.stdout + result.stderr
+    assert "Received Echo Response (Success)" in _echo(node.port, "ECHOSCU")

@@ -1,0 +1,373 @@
+"""results: Findings + source headers -> TID 1500 Comprehensive 3D SR and BINARY SEG.
+
+Every emitted object is checked by real peers: dciodvfy (no Error, no Warning), DCMTK dsrdump
+(exit 0) and highdicom's readers; all with pydicom's strict writing validation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from dciodvfy import dciodvfy
+from pydicom.dataset import Dataset
+from pydicom.uid import SegmentationStorage
+from synthetic import ct_series
+
+from dicomnode.domain import (
+    AnalyzerKind,
+    Code,
+    Finding,
+    Findings,
+    FindingsStatus,
+    Mask,
+    Measurement,
+    Priority,
+    QualitativeEvaluation,
+    ResultObject,
+)
+from dicomnode.results import (
+    NOT_FOR_CLINICAL_USE,
+    build_results,
+    device_observer_uid,
+    result_uid,
+    sanitized_header,
+)
+
+CREATED = dt.datetime(2026, 1, 2, 3, 4, 5)
+HEMORRHAGE = Code("50960005", "SCT", "Hemorrhage")
+MORPH = Code("49755003", "SCT", "Morphologically Altered Structure")
+VOLUME = Code("118565006", "SCT", "Volume")
+ML = Code("ml", "UCUM", "milliliter")
+QUALITY_ASSESSMENT = Code("111050", "DCM", "Quality Assessment")
+QUALITY_FINDING = Code("111052", "DCM", "Quality Finding")
+IMAGE_QUALITY_RATING = Code("111029", "DCM", "Image Quality Rating")
+MOTION = Code("MOTION", "99DICOMNODE", "Motion artifact")
+
+
+@pytest.fixture(autouse=True)
+def strict_writing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pydicom.config.settings, "writing_validation_mode", pydicom.config.RAISE)
+
+
+@pytest.fixture
+def sources() -> list[Dataset]:
+    headers = ct_series(n_slices=12, rows=64, cols=64, seed="results")
+    for ds in headers:
+        del ds.PixelData
+    return headers
+
+
+def _mask(shape: tuple[int, int, int], filled: bool = True) -> np.ndarray:
+    array = np.zeros(shape, dtype=bool)
+    if filled:
+        array[4:7, 20:30, 24:36] = True
+    return array
+
+
+def _positive(sources: list[Dataset], **kwargs: object) -> Findings:
+    mask = Mask(_mask((len(sources), 64, 64)), "Hemorrhage", MORPH, HEMORRHAGE)
+    finding = Finding(
+        HEMORRHAGE,
+        "hemorrhage-1",
+        present=True,
+        probability=0.91,
+        measurements=(Measurement(VOLUME, 1.26, ML),),
+        mask=mask,
+    )
+    return Findings(
+        "demo-hyperdense",
+        "1.0.0",
+        AnalyzerKind.TRIAGE,
+        FindingsStatus.COMPLETE,
+        findings=(finding,),
+        priority=Priority.STAT,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _read(result: ResultObject) -> Dataset:
+    return pydicom.dcmread(io.BytesIO(result.data))
+
+
+def _assert_valid(result: ResultObject) -> None:
+    report = dciodvfy(result.data)
+    assert report.errors == [], report.errors
+    assert report.warnings == [], report.warnings
+    assert report.returncode == 0
+    if result.kind == "sr":
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "sr.dcm"
+            path.write_bytes(result.data)
+            exe = shutil.which("dsrdump")
+            assert exe is not None, "DCMTK dsrdump is required"
+            proc = subprocess.run([exe, str(path)], capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert "Imaging Measurement Report" in proc.stdout
+
+
+def _by_kind(results: list[ResultObject]) -> dict[str, ResultObject]:
+    return {r.kind: r for r in results}
+
+
+def _document_evaluations(sr: hd.sr.Comprehensive3DSR) -> list[Dataset]:
+    for item in sr.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue == "C0034375":
+            return list(item.ContentSequence)
+    return []
+
+
+def test_positive_finding_gives_seg_and_sr_that_reference_each_other(sources: list[Dataset]) -> None:
+    results = build_results(_positive(sources), sources, epoch=1, created=CREATED)
+    assert [r.kind for r in results] == ["seg", "sr"]
+    for r in results:
+        _assert_valid(r)
+        assert r.study_instance_uid == sources[0].StudyInstanceUID
+        assert r.series_instance_uid != sources[0].SeriesInstanceUID
+    seg_obj, sr_obj = results
+
+    sr = hd.sr.srread(io.BytesIO(sr_obj.data))
+    assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+    assert sr.PatientID == sources[0].PatientID and sr.PatientName == sources[0].PatientName
+    assert sr.SeriesDescription.startswith(NOT_FOR_CLINICAL_USE)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 1 and sr.content.get_image_measurement_groups() == []
+    group = groups[0]
+    assert group.tracking_identifier == "hemorrhage-1"
+    assert group.finding_type.value == HEMORRHAGE.value
+    [presence] = group.get_qualitative_evaluations()
+    assert (presence.name.value, presence.value.value, presence.value.meaning) == (
+        HEMORRHAGE.value,
+        "52101004",
+        "Present",
+    )
+    measured = {m.name.meaning: (m.value, m.unit.value) for m in group.get_measurements()}
+    assert measured == {"Probability": (0.91, "1"), "Volume": (1.26, "ml")}
+    assert group.referenced_segment.referenced_sop_instance_uid == seg_obj.sop_instance_uid
+    assert group.referenced_segment.referenced_segment_numbers == [1]
+    [priority] = [i for i in _document_evaluations(sr) if i.ValueType == "CODE"]
+    assert priority.ConceptCodeSequence[0].CodeValue == "103391001"  # STAT -> Urgent
+    [observer] = sr.content.get_observer_contexts()
+    assert observer.observer_identifying_attributes.uid == device_observer_uid("demo-hyperdense", "1.0.0")
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for r in s.ReferencedSeriesSequence
+        for i in r.ReferencedSOPSequence
+    }
+    assert evidence == {s.SOPInstanceUID for s in sources} | {seg_obj.sop_instance_uid}
+
+    seg = hd.seg.segread(io.BytesIO(seg_obj.data))
+    assert seg.SOPClassUID == SegmentationStorage and seg.SegmentationType == "BINARY"
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    assert seg.ContentDescription.startswith(NOT_FOR_CLINICAL_USE)
+    description = seg.get_segment_description(1)
+    assert description.tracking_uid == group.tracking_uid
+    assert description.tracking_id == "hemorrhage-1"
+    assert description.algorithm_identification[0].AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
+    volume = seg.get_volume(combine_segments=False)
+    stored = volume.array[..., 0].astype(bool)
+    order = np.argsort([float(s.ImagePositionPatient[2]) for s in sources])
+    expected = _mask((len(sources), 64, 64))[order]
+    # frames are matched to the source slices they were derived from
+    frames = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[s.SOPInstanceUID for s in sources[4:7]], segment_numbers=[1]
+    )[..., 0]
+    assert np.array_equal(frames.astype(bool), expected[4:7])
+    assert stored.sum() == expected.sum()
+
+
+def test_negative_finding_is_explicit_absent_and_no_seg(sources: list[Dataset]) -> None:
+    findings = Findings(
+        "demo-hyperdense",
+        "1.0.0",
+        AnalyzerKind.TRIAGE,
+        FindingsStatus.COMPLETE,
+        findings=(Finding(HEMORRHAGE, "hemorrhage", present=False, probability=0.02),),
+        priority=Priority.ROUTINE,
+    )
+    [sr_obj] = build_results(findings, sources, epoch=1, created=CREATED)
+    assert sr_obj.kind == "sr"
+    _assert_valid(sr_obj)
+    sr = hd.sr.srread(io.BytesIO(sr_obj.data))
+    [group] = sr.content.get_image_measurement_groups()
+    [presence] = group.get_qualitative_evaluations()
+    assert (presence.name.value, presence.value.value, presence.value.meaning) == (
+        HEMORRHAGE.value,
+        "272519000",
+        "Absent",
+    )
+    [priority] = [i for i in _document_evaluations(sr) if i.ValueType == "CODE"]
+    assert priority.ConceptCodeSequence[0].CodeValue == "50811001"  # Routine
+
+
+def test_qc_failure_encodes_the_analyzers_codes_verbatim(sources: list[Dataset]) -> None:
+    finding = Finding(
+        QUALITY_ASSESSMENT,
+        "qc-motion",
+        present=True,
+        measurements=(Measurement(IMAGE_QUALITY_RATING, 2.0, Code("1", "UCUM", "no units")),),
+        evaluations=(QualitativeEvaluation(QUALITY_FINDING, MOTION),),
+    )
+    findings = Findings("qc-ct", "0.3", AnalyzerKind.QC, FindingsStatus.COMPLETE, findings=(finding,))
+    [sr_obj] = build_results(findings, sources, epoch=3, created=CREATED)
+    _assert_valid(sr_obj)
+    sr = hd.sr.srread(io.BytesIO(sr_obj.data))
+    [group] = sr.content.get_image_measurement_groups()
+    assert group.finding_type.value == "111050"
+    evaluations = [(e.name.value, e.value.value, e.value.scheme_designator) for e in group.get_qualitative_evaluations()]
+    assert evaluations == [("111050", "52101004", "SCT"), ("111052", "MOTION", "99DICOMNODE")]
+    [rating] = group.get_measurements()
+    assert (rating.name.value, rating.value) == ("111029", 2.0)
+    assert _document_evaluations(sr)[0].ValueType == "TEXT"  # no priority for QC
+
+
+def test_empty_mask_keeps_one_empty_frame(sources: list[Dataset]) -> None:
+    mask = Mask(_mask((len(sources), 64, 64), filled=False), "Hemorrhage", MORPH, HEMORRHAGE)
+    findings = Findings(
+        "demo-hyperdense",
+        "1.0.0",
+        AnalyzerKind.TRIAGE,
+        FindingsStatus.COMPLETE,
+        findings=(Finding(HEMORRHAGE, "hemorrhage-1", present=False, mask=mask),),
+    )
+    seg_obj, sr_obj = build_results(findings, sources, epoch=1, created=CREATED)
+    _assert_valid(seg_obj)
+    _assert_valid(sr_obj)
+    seg = hd.seg.segread(io.BytesIO(seg_obj.data))
+    assert seg.NumberOfFrames == 1 and seg.number_of_segments == 1
+    assert not np.frombuffer(seg.PixelData, dtype=np.uint8).any()
+    sr = hd.sr.srread(io.BytesIO(sr_obj.data))
+    [group] = sr.content.get_volumetric_roi_measurement_groups()
+    assert group.referenced_segment.referenced_sop_instance_uid == seg_obj.sop_instance_uid
+
+
+def test_failed_analysis_yields_partial_sr_that_says_why(sources: list[Dataset]) -> None:
+    findings = Findings(
+        "demo-hyperdense",
+        "1.0.0",
+        AnalyzerKind.TRIAGE,
+        FindingsStatus.FAILED,
+        error="input has 3 slices, need at least 8",
+        notes=("slice gap at 12.5 mm",),
+    )
+    [sr_obj] = build_results(findings, sources, epoch=1, created=CREATED)
+    _assert_valid(sr_obj)
+    sr = hd.sr.srread(io.BytesIO(sr_obj.data))
+    assert sr.CompletionFlag == "PARTIAL" and sr.PreliminaryFlag == "PRELIMINARY"
+    assert "FAILED" in sr.SeriesDescription
+    assert sr.content.get_image_measurement_groups() == []
+    texts = [i.TextValue for i in _document_evaluations(sr) if i.ValueType == "TEXT"]
+    assert "Analysis failed: input has 3 slices, need at least 8" in texts
+    assert "slice gap at 12.5 mm" in texts
+
+
+def test_partial_analysis_is_partial(sources: list[Dataset]) -> None:
+    findings = Findings(
+        "demo-hyperdense",
+        "1.0.0",
+        AnalyzerKind.TRIAGE,
+        FindingsStatus.PARTIAL,
+        findings=(Finding(HEMORRHAGE, "h", present=False),),
+        not_for_clinical_use=False,
+    )
+    [sr_obj] = build_results(findings, sources, epoch=1, created=CREATED)
+    _assert_valid(sr_obj)
+    sr = _read(sr_obj)
+    assert sr.CompletionFlag == "PARTIAL"
+    assert NOT_FOR_CLINICAL_USE not in sr.SeriesDescription
+
+
+def test_invalid_scanner_header_values_are_repaired(
+    sources: list[Dataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = pydicom.config.settings
+    monkeypatch.setattr(settings, "reading_validation_mode", pydicom.config.IGNORE)
+    monkeypatch.setattr(settings, "writing_validation_mode", pydicom.config.IGNORE)
+    bad = {
+        "PatientName": "D" * 70 + "^" + "J" * 70,
+        "StudyDescription": "VERY LONG STUDY DESCRIPTION " * 5,
+        "InstitutionName": "Institution\\With Backslash",
+        "AccessionNumber": "ACC-0123456789-0123456789",
+        "StudyDate": "2024-01-31",
+        "StudyTime": "12:30:00",
+        "PatientBirthDate": "19700231",  # not a real date
+        "PatientSex": "MALE",
+        "StudyID": "STUDY-ID-FAR-TOO-LONG",
+        "ReferringPhysicianName": "Dr. Who",  # single component: written as family name "Dr. Who^"
+        "SliceThickness": "2.50000000000000001",  # DS over 16 characters
+    }
+    for ds in sources:
+        for keyword, value in bad.items():
+            del ds[keyword]  # a new element takes the current (IGNORE) validation mode
+            setattr(ds, keyword, value)
+    monkeypatch.setattr(settings, "reading_validation_mode", pydicom.config.RAISE)
+    monkeypatch.setattr(settings, "writing_validation_mode", pydicom.config.RAISE)
+    results = build_results(_positive(sources), sources, epoch=1, created=CREATED)
+    for r in results:
+        _assert_valid(r)
+        ds = _read(r)
+        assert len(str(ds.PatientName)) == 64
+        family, given = ds.PatientName.family_name, ds.PatientName.given_name
+        assert set(family) == {"D"} and set(given) == {"J"} and abs(len(family) - len(given)) <= 1
+        assert ds.InstitutionName == "Institution With Backslash"
+        assert len(ds.AccessionNumber) == 16 and ds.AccessionNumber == "ACC-0123456789-0"
+        assert ds.StudyDate == "20240131" and ds.StudyTime == "123000"
+        assert ds.PatientBirthDate == "" and ds.PatientSex == ""
+        assert len(ds.StudyDescription) <= 64 and ds.StudyID == "STUDY-ID-FAR-TOO"
+        assert ds.ReferringPhysicianName == "Dr. Who^"
+    repaired = sanitized_header(sources[0])
+    assert repaired.SliceThickness == 2.5 and sources[0].PatientSex == "MALE"  # the input is untouched
+
+
+def test_uids_are_deterministic_per_epoch(sources: list[Dataset]) -> None:
+    first = build_results(_positive(sources), sources, epoch=1, created=CREATED)
+    again = build_results(_positive(sources), sources, epoch=1, created=CREATED)
+    other = build_results(_positive(sources), sources, epoch=2, created=CREATED)
+    assert [r.sop_instance_uid for r in first] == [r.sop_instance_uid for r in again]
+    assert [r.data for r in first] == [r.data for r in again]
+    assert {r.sop_instance_uid for r in first}.isdisjoint(r.sop_instance_uid for r in other)
+    assert {r.series_instance_uid for r in first}.isdisjoint(r.series_instance_uid for r in other)
+    series = sources[0].SeriesInstanceUID
+    assert first[1].sop_instance_uid == result_uid(series, 1, "demo-hyperdense", "1.0.0", "sr", "instance")
+    assert result_uid(series, 1, "a", "1", "sr", "instance", prefix="1.2.3.") .startswith("1.2.3.")
+    assert result_uid(series, 1, "a", "1", "sr") != result_uid(series, 1, "a", "2", "sr")
+
+
+def test_reprocessed_epoch_references_previous_report(sources: list[Dataset]) -> None:
+    previous = build_results(_positive(sources), sources, epoch=1, created=CREATED)
+    current = build_results(_positive(sources), sources, epoch=2, previous=previous, created=CREATED)
+    sr_obj = _by_kind(current)["sr"]
+    _assert_valid(sr_obj)
+    sr = _read(sr_obj)
+    [study] = sr.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == sources[0].StudyInstanceUID
+    [series] = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == _by_kind(previous)["sr"].series_instance_uid
+    [instance] = series.ReferencedSOPSequence
+    assert instance.ReferencedSOPInstanceUID == _by_kind(previous)["sr"].sop_instance_uid
+    assert "PredecessorDocumentsSequence" not in _read(_by_kind(previous)["sr"])
+
+
+def test_bad_findings_are_refused_with_the_culprit_named(sources: list[Dataset]) -> None:
+    wrong = Mask(np.zeros((3, 64, 64), dtype=bool), "x", MORPH, HEMORRHAGE)
+    bad_mask = Findings(
+        "a", "1", AnalyzerKind.TRIAGE, FindingsStatus.COMPLETE, findings=(Finding(HEMORRHAGE, "t", mask=wrong),)
+    )
+    with pytest.raises(ValueError, match=r"findings\[0\]\.mask: shape \(3, 64, 64\)"):
+        build_results(bad_mask, sources, epoch=1)
+    bad_p = Findings(
+        "a", "1", AnalyzerKind.TRIAGE, FindingsStatus.COMPLETE, findings=(Finding(HEMORRHAGE, "t", probability=91),)
+    )
+    with pytest.raises(ValueError, match=r"findings\[0\]\.probability"):
+        build_results(bad_p, sources, epoch=1)
+    with pytest.raises(ValueError, match="sources"):
+        build_results(bad_p, [], epoch=1)
