@@ -45,7 +45,7 @@ from pydicom.dataset import Dataset
 from dicomnode.domain import Volume
 from dicomnode.errors import Permanent
 
-__all__ = ["load_volume"]
+__all__ = ["load_volume", "stored_value_range"]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _GAP_FACTOR = 1.5  # a step larger than this many median spacings is a gap
@@ -420,3 +420,27 @@ def _rescaled_range(ds: Dataset, frame: _Frame) -> tuple[float, float] | None:
         lo, hi = 0, 2**bits - 1
     a, b = lo * frame.slope + frame.intercept, hi * frame.slope + frame.intercept
     return (min(a, b), max(a, b))
+
+
+def stored_value_range(header: Dataset) -> tuple[float, float] | None:
+    """The range a volume value of this image can take: Bits Stored and Pixel Representation
+    (PS3.3 C.7.6.3) through Rescale Slope/Intercept. ``None`` when Bits Stored is absent.
+
+    Analyzers use it to tell saturated pixels (at an end of the range) from bright or dark ones;
+    the MONOCHROME1 inversion of :func:`load_volume` maps the range onto itself.
+    """
+    frame = _Frame(
+        file_index=0,
+        frame_index=None,
+        header=header,
+        rows=0,
+        columns=0,
+        position=None,
+        orientation=None,
+        pixel_spacing=None,
+        slope=_float_or_none(header.get("RescaleSlope")) or 1.0,
+        intercept=_float_or_none(header.get("RescaleIntercept")) or 0.0,
+        instance_number=None,
+        slice_thickness=None,
+    )
+    return _rescaled_range(header, frame)

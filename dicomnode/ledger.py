@@ -410,6 +410,16 @@ class Ledger:
         with self.engine.connect() as conn:
             return list(conn.execute(query.order_by(instances.c.instance_number, instances.c.path)))
 
+    def epoch_started_at(self, series_uid: str, epoch: int) -> float:
+        with self.engine.connect() as conn:
+            return float(
+                conn.execute(
+                    sa.select(sa.func.min(instances.c.received_at))
+                    .where(instances.c.series_instance_uid == series_uid)
+                    .where(instances.c.epoch == epoch)
+                ).scalar_one()
+            )
+
     def instance_paths(self) -> set[str]:
         with self.engine.connect() as conn:
             return set(conn.execute(sa.select(instances.c.path)).scalars())

@@ -6,14 +6,23 @@ No business logic lives here; only wiring, start-up reconciliation and ``run_unt
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicomnode.analysis import AnalyzeHandler
+from dicomnode.assembly import Assembly
 from dicomnode.audit import Audit
-from dicomnode.config import Config
-from dicomnode.domain import StoredInstance
-from dicomnode.ledger import Ledger, RecordOutcome
+from dicomnode.config import Config, Peer
+from dicomnode.domain import JobState, SeriesState, StoredInstance
+from dicomnode.jobs import JobQueue, LocalExecutor
+from dicomnode.ledger import Ledger
+from dicomnode.models import build_registry
 from dicomnode.receiver import Receiver, parse_header, routing_fields
+from dicomnode.sender import DeliverHandler
 from dicomnode.spool import Spool
 
 LOG = logging.getLogger(__name__)
@@ -36,14 +45,29 @@ class Node:
         self.spool = Spool(data_dir / "spool", config.node.min_free_mb * 2**20)
         self.ledger = Ledger.sqlite(str(data_dir / "ledger.sqlite3"))
         self.audit = Audit(data_dir / "audit.log", enabled=config.audit.enabled)
+        self.registry = build_registry(config.analysis)
+        self.queue = JobQueue(self.ledger, config.jobs, self.audit)
+        self.assembly = Assembly(config, self.ledger, self.queue, self.registry.default_for)
+        self.executor = LocalExecutor(
+            self.queue,
+            [
+                AnalyzeHandler(self.ledger, self.spool, self.queue, config.analysis, self.audit),
+                DeliverHandler(self.ledger, self.spool, self.queue, config.destinations,
+                               config.node.ae_title, self.audit),
+            ],
+            workers=config.jobs.workers,
+        )
+        self.queue.on_enqueued = self.executor.wake
         self.receiver = Receiver(
             config.node,
             config.peers,
             self.spool,
             self.ledger,
             self.audit,
-            on_stored=self._on_stored,
+            on_released=lambda _association: self._schedule_sweep(config.assembly.release_grace_s),
         )
+        self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
+                                                           "misfire_grace_time": None})
         self.last_reconcile: ReconcileReport | None = None
         self._started = False
 
@@ -51,17 +75,66 @@ class Node:
 
     def start(self) -> None:
         self.last_reconcile = self.reconcile()
+        released = self.queue.release_stale_leases()
+        if released:
+            self.audit.log("jobs.resumed", jobs=released)
         self.receiver.start()
+        self.executor.start()
+        # The scheduler is only a clock: the sweep re-reads the ledger, so a lost timer costs a
+        # little latency, never a series.
+        sweep_every = min(1.0, self.config.assembly.quiet_period_s / 4)
+        self.scheduler.add_job(self.sweep, "interval", seconds=sweep_every, id="assembly-sweep")
+        self.scheduler.start()
         self._started = True
         self.audit.log("node.started", ae_title=self.config.node.ae_title, port=self.config.node.port)
 
     def stop(self) -> None:
         if self._started:
             self.receiver.stop()
+            self.scheduler.shutdown(wait=True)
+            self.executor.stop()
             self._started = False
             self.audit.log("node.stopped")
         self.ledger.close()
         self.audit.close()
+
+    def update_peers(self, peers: list[Peer]) -> None:
+        self.receiver.update_peers(peers)
+        self.config = self.config.model_copy(update={"peers": peers})
+
+    # --- clock ----------------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Complete due series, and set a wake-up for the next one that will be due."""
+        completions, next_due = self.assembly.sweep()
+        if completions:
+            self.executor.wake()
+        if next_due is not None:
+            self._schedule_sweep(max(0.0, next_due - time.time()))
+
+    def _schedule_sweep(self, delay: float) -> None:
+        if not self.scheduler.running:
+            return
+        self.scheduler.add_job(self.sweep, "date", id="assembly-wakeup", replace_existing=True,
+                               run_date=datetime.fromtimestamp(time.time() + delay, UTC))
+
+    def run_until_idle(self, timeout: float = 60.0, poll: float = 0.02) -> None:
+        """Drive every stage until nothing is left to do: no series waiting for completeness, no
+        job queued, running or waiting to retry. Raises TimeoutError naming what is still open."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sweep()
+            self.executor.wake()
+            receiving = self.ledger.series_in_state(SeriesState.RECEIVING)
+            open_jobs = self.ledger.unfinished_jobs()
+            if not receiving and not open_jobs and not self.executor.busy:
+                return
+            if time.monotonic() > deadline:
+                states = {f"{k}/{s}": n for (k, s), n in self.ledger.job_counts().items()
+                          if s in (JobState.QUEUED, JobState.RUNNING, JobState.FAILED)}
+                raise TimeoutError(f"not idle after {timeout}s: {len(receiving)} series receiving, "
+                                   f"jobs {states}")
+            time.sleep(poll)
 
     def __enter__(self) -> Node:
         self.start()
@@ -88,8 +161,6 @@ class Node:
                 data = self.spool.read(relative)
                 ds = parse_header(data)
                 meta = ds.file_meta
-                from datetime import UTC, datetime
-
                 item = StoredInstance(
                     sop_instance_uid=str(ds.SOPInstanceUID),
                     sop_class_uid=str(ds.SOPClassUID),
@@ -117,8 +188,3 @@ class Node:
             self.audit.log("node.reconciled", debris_removed=debris, orphans_indexed=orphans,
                            missing=len(missing))
         return report
-
-    # --- stage hooks ----------------------------------------------------------------------------
-
-    def _on_stored(self, item: StoredInstance, outcome: RecordOutcome) -> None:
-        pass

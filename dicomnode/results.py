@@ -28,7 +28,6 @@ import copy
 import datetime as dt
 import io
 import re
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,15 +66,17 @@ _ROUTINE = hd.sr.CodedConcept("50811001", "SCT", "Routine")
 _PRIORITY_VALUE = {Priority.STAT: _URGENT, Priority.ROUTINE: _ROUTINE}
 _QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 _COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
-# Procedure Reported (TID 1500 row 4, CID 100 "Quantitative Diagnostic Imaging Procedure")
+# Procedure Reported (TID 1500 row 4), from CID 100 "Quantitative Diagnostic Imaging Procedure"
+_XR = hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region")
 _PROCEDURES = {
-    "CT": hd.sr.CodedConcept("77477000", "SCT", "Computed tomography"),
-    "MR": hd.sr.CodedConcept("113091000", "SCT", "Magnetic resonance imaging"),
-    "PT": hd.sr.CodedConcept("82918005", "SCT", "Positron emission tomography"),
+    "CT": hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region"),
+    "MR": hd.sr.CodedConcept("25056-3", "LN", "MRI unspecified body region"),
+    "PT": hd.sr.CodedConcept("44136-0", "LN", "PET unspecified body region"),
+    "NM": hd.sr.CodedConcept("49118-3", "LN", "NM unspecified body region"),
+    "CR": _XR,
+    "DX": _XR,
 }
 _IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
-
-_PN_SINGLE_COMPONENT = r".*unlikely to represent the intended person name.*"
 
 
 def result_uid(
@@ -143,7 +144,7 @@ def _repair(ds: Dataset) -> None:
         if len(values) > 1 and _single_valued(elem.tag):
             values = [" ".join(str(v) for v in values)]  # a backslash inside a VM 1 text value
         fixed = [_repair_value(elem.VR, v) for v in values]
-        if fixed != values or elem.VM != len(fixed):
+        if fixed != values or len(fixed) != elem.VM:
             elem.value = fixed if len(fixed) > 1 else fixed[0]
     if "PatientSex" in ds and ds.PatientSex not in ("M", "F", "O", ""):
         ds.PatientSex = ""  # C.7.1.1: enumerated M/F/O, Type 2
@@ -257,8 +258,17 @@ def build_results(
     series_uids = {s.SeriesInstanceUID for s in sources}
     if len(series_uids) != 1:
         raise ValueError(f"sources: expected one series, got {len(series_uids)}")
+    seen: dict[str, int] = {}
     for i, finding in enumerate(findings.findings):
         _check_finding(i, finding, sources)
+        if finding.tracking_id in seen:
+            first = seen[finding.tracking_id]
+            raise ValueError(
+                f"findings[{i}].tracking_id: {finding.tracking_id!r} is already findings[{first}]"
+            )
+        seen[finding.tracking_id] = i
+    if institution_name is not None:
+        institution_name = _short(institution_name)
 
     headers = [sanitized_header(s) for s in sources]
     series_uid = str(sources[0].SeriesInstanceUID)
@@ -270,17 +280,15 @@ def build_results(
         )
 
     description = _series_description(findings)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_PN_SINGLE_COMPONENT, category=UserWarning)
-        out: list[ResultObject] = []
-        seg: hd.seg.Segmentation | None = None
-        if any(f.mask is not None for f in findings.findings):
-            seg = _build_seg(findings, headers, uid, description, manufacturer, institution_name, created)
-            out.append(_result(findings, "seg", seg))
-        sr = _build_sr(
-            findings, headers, uid, seg, previous, description, manufacturer, institution_name, created
-        )
-        out.append(_result(findings, "sr", sr))
+    out: list[ResultObject] = []
+    seg: hd.seg.Segmentation | None = None
+    if any(f.mask is not None for f in findings.findings):
+        seg = _build_seg(findings, headers, uid, description, manufacturer, institution_name, created)
+        out.append(_result(findings, "seg", seg))
+    sr = _build_sr(
+        findings, headers, uid, seg, previous, description, manufacturer, institution_name, created
+    )
+    out.append(_result(findings, "sr", sr))
     return out
 
 
@@ -353,7 +361,7 @@ def _coding_schemes(findings: Findings) -> list[Any]:
     ]
 
 
-def _pin(ds: Dataset, created: dt.datetime, organization_uid: str) -> None:
+def _pin(ds: Dataset, created: dt.datetime, organization_uid: str = "") -> None:
     """Replace the wall-clock and random values highdicom adds, so one input gives one byte string.
 
     Instance Creation Date/Time (C.12.1), Contribution DateTime (C.7.5.1 Contributing Equipment)
@@ -365,7 +373,7 @@ def _pin(ds: Dataset, created: dt.datetime, organization_uid: str) -> None:
     for elem in ds.iterall():
         if elem.keyword == "ContributionDateTime":
             elem.value = stamp.strftime("%Y%m%d%H%M%S")
-        elif elem.keyword == "DimensionOrganizationUID":
+        elif elem.keyword == "DimensionOrganizationUID" and organization_uid:
             elem.value = organization_uid
 
 
@@ -505,15 +513,19 @@ def _build_sr(
         procedure_reported=procedure,
         # TID 1500 needs rows 6, 8 or 12; highdicom insists on row 6, so an empty report gets a
         # placeholder group that is removed again below.
-        imaging_measurements=groups or [hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=uid("tracking", ""), identifier="none")
-        )],
-        referenced_images=headers,
+        imaging_measurements=groups
+        or [
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=uid("tracking", ""), identifier="none")
+            )
+        ],
     )
     root = report[0]
+    root.ContentSequence.insert(_after_procedure(root), _image_library(headers))
     if not groups:
         root.ContentSequence = [
-            item for item in root.ContentSequence
+            item
+            for item in root.ContentSequence
             if item.ConceptNameCodeSequence[0].CodeValue != codes.DCM.ImagingMeasurements.value
         ]
     evaluations = _document_evaluations(findings)
@@ -547,8 +559,47 @@ def _build_sr(
         coding_schemes=_coding_schemes(findings) or None,
         **_dates(created),
     )
-    _pin(sr, created, "")
+    _pin(sr, created)
     return sr
+
+
+def _image_library(headers: list[Dataset]) -> Dataset:
+    """TID 1600 Image Library: one group for the series, descriptors shared at group level.
+
+    TID 1601 allows the TID 1602 descriptors either per entry or once for the group; the source is
+    one series, so modality, frame of reference, matrix, spacing and orientation are stated once
+    (from the first image) and each entry is a bare IMAGE reference. highdicom's per-entry form
+    writes ~16 items per slice and made a 200-slice SR about ten times slower to build and write.
+    Image Position (Patient), which differs per slice, is therefore not repeated here.
+    """
+    library = hd.sr.ImageLibrary([headers[0]])[0]
+    group = library.ContentSequence[0]
+    first = next(item for item in group.ContentSequence if item.ValueType == "IMAGE")
+    shared = [
+        d
+        for d in first.ContentSequence
+        if not d.ConceptNameCodeSequence[0].CodeMeaning.startswith("Image Position (Patient)")
+    ]
+    entries = [
+        hd.sr.ImageContentItem(
+            name=first.ConceptNameCodeSequence[0],
+            referenced_sop_class_uid=h.SOPClassUID,
+            referenced_sop_instance_uid=h.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for h in headers
+    ]
+    group.ContentSequence = [
+        *[item for item in group.ContentSequence if item.ValueType != "IMAGE"],
+        *shared,
+        *entries,
+    ]
+    return library
+
+
+def _after_procedure(root: Dataset) -> int:
+    names = [item.ConceptNameCodeSequence[0].CodeValue for item in root.ContentSequence]
+    return max(i for i, code in enumerate(names) if code == codes.DCM.ProcedureReported.value) + 1
 
 
 def _measurements(finding: Finding) -> list[hd.sr.Measurement]:
@@ -590,7 +641,9 @@ def _document_evaluations(findings: Findings) -> list[hd.sr.ContentItem]:
         texts.append("Analysis partial" + (f": {findings.error}" if findings.error else "."))
     texts.extend(findings.notes)
     for text in texts:
-        items.append(hd.sr.TextContentItem(name=_COMMENT, value=_CONTROL.sub("", text), relationship_type=contains))
+        items.append(
+            hd.sr.TextContentItem(name=_COMMENT, value=_CONTROL.sub("", text), relationship_type=contains)
+        )
     return items
 
 
@@ -601,4 +654,3 @@ def _reference(result: ResultObject) -> Dataset:
     ds.SeriesInstanceUID = result.series_instance_uid
     ds.StudyInstanceUID = result.study_instance_uid
     return ds
-

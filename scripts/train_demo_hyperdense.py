@@ -47,6 +47,7 @@ GAP = 3
 TRAIN_SPACING = 2.0  # mm, must equal manifest input.spacing
 WINDOWS = ((40.0, 80.0), (150.0, 500.0))  # (center, width), must equal manifest input.windows
 SUB_SERIES = 8
+CROP = 64  # training patch, pixels at TRAIN_SPACING (128 mm)
 SUB_STRIDE = 4
 LABEL = "Hyperdense lesion (demo)"
 
@@ -183,7 +184,7 @@ class TinyUNet(nn.Module):
     """3-level U-Net, 2 input channels (windows), 1 output logit per pixel. Pads any input to a
     multiple of 8 and crops back, so the runtime may feed any slice size."""
 
-    def __init__(self, cin: int = 2, base: int = 12) -> None:
+    def __init__(self, cin: int = 2, base: int = 8) -> None:
         super().__init__()
         self.enc1 = _Block(cin, base)
         self.enc2 = _Block(base, base * 2)
@@ -244,7 +245,7 @@ def _augment(
     return out[:, 0] - 1024.0, out[:, 1] > 0.99
 
 
-def train(steps: int, batch: int = 16) -> tuple[TinyUNet, dict[str, Any]]:
+def train(steps: int, batch: int = 24) -> tuple[TinyUNet, dict[str, Any]]:
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(SEED)
@@ -262,7 +263,10 @@ def train(steps: int, batch: int = 16) -> tuple[TinyUNet, dict[str, Any]]:
     for step in range(steps):
         pick = torch.randint(len(train_idx), (batch,), generator=gen)
         warped, warped_cands = _augment(slices[pick], cands[pick], gen)
-        imgs, cand_np = warped.numpy(), warped_cands.numpy()
+        # Random CROP x CROP patches: cheaper steps; the network is fully convolutional.
+        oy, ox = rng.integers(0, warped.shape[1] - CROP + 1), rng.integers(0, warped.shape[2] - CROP + 1)
+        imgs = np.ascontiguousarray(warped[:, oy : oy + CROP, ox : ox + CROP].numpy())
+        cand_np = np.ascontiguousarray(warped_cands[:, oy : oy + CROP, ox : ox + CROP].numpy())
         masks = np.zeros(imgs.shape, dtype=np.float32)
         for i in range(batch):
             if rng.random() < 0.5:
@@ -282,7 +286,7 @@ def train(steps: int, batch: int = 16) -> tuple[TinyUNet, dict[str, Any]]:
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 100 == 0 or step == steps - 1:
             print(f"step {step:5d} loss {np.mean(losses[-100:]):.4f} {time.monotonic() - start:.0f}s", flush=True)
     info = {

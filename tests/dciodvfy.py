@@ -19,8 +19,10 @@ IGNORED_WARNINGS: tuple[re.Pattern[str], ...] = (
     # A local coding scheme ("99" prefix, PS3.16 8 / PS3.3 8.2) used by an analyzer for its own
     # concepts: dciodvfy knows only the registered designators and warns even when the scheme is
     # declared in the Coding Scheme Identification Sequence (PS3.3 C.12.1.1.3), as we do.
-    re.compile(r"^Warning - Unrecognized defined term <99[A-Z0-9_]*> for value 1 of attribute "
-               r"<Coding Scheme Designator>$"),
+    re.compile(
+        r"^Warning - Unrecognized defined term <99[A-Z0-9_]*> for value 1 of attribute "
+        r"<Coding Scheme Designator>$"
+    ),
 )
 
 
@@ -50,8 +52,6 @@ def dciodvfy(obj: bytes | Path, *, ignore: tuple[re.Pattern[str], ...] = IGNORED
         proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60, check=False)
     lines = (proc.stderr + proc.stdout).splitlines()
     errors = [ln for ln in lines if ln.startswith("Error")]
-    warnings = [
-        ln for ln in lines if ln.startswith("Warning") and not any(p.search(ln) for p in ignore)
-    ]
+    warnings = [ln for ln in lines if ln.startswith("Warning") and not any(p.search(ln) for p in ignore)]
     iod = next((ln.strip() for ln in lines if ln.strip() and not ln.startswith(("Error", "Warning"))), "")
     return Report(iod=iod, errors=errors, warnings=warnings, returncode=proc.returncode)

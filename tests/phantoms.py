@@ -69,7 +69,7 @@ def ct_phantom(
             img[_ellipse(rows, cols, cy + rows * 0.17, cx, rows * 0.025, cols * 0.025)] = 250.0
         table = slice(int(rows * 0.86), int(rows * 0.88))
         img[table, int(cols * 0.15) : int(cols * 0.85)] = -150.0
-    vol += rng.normal(0.0, noise_hu, size=shape).astype(np.float32)
+        img += rng.normal(0.0, noise_hu, size=(rows, cols)).astype(np.float32)  # per slice: low memory
     if circular_fov:
         outside = ~_ellipse(rows, cols, (rows - 1) / 2, (cols - 1) / 2, rows / 2, cols / 2)
         vol[:, outside] = -3024.0
@@ -80,6 +80,8 @@ def add_noise(vol: F32, sigma: float, seed: int = 0) -> F32:
     """Additive white Gaussian noise of standard deviation ``sigma`` (in the volume's units)."""
     rng = np.random.default_rng(seed + 1000)
     out = vol + rng.normal(0.0, sigma, size=vol.shape).astype(np.float32)
+    padding = vol < -2000  # CT padding outside the reconstruction circle stays constant
+    out[padding] = vol[padding]
     return out.astype(np.float32)
 
 
@@ -187,7 +189,7 @@ def xr_phantom(
     rows, cols = shape
     hi = 2**bits - 1
     y, x = np.mgrid[:rows, :cols].astype(np.float64)
-    img = np.full(shape, 3000.0)  # soft tissue of the trunk
+    img = np.full(shape, 2600.0)  # soft tissue of the trunk
     lungs = _ellipse(rows, cols, rows * 0.45, cols * 0.30, rows * 0.32, cols * 0.15) | _ellipse(
         rows, cols, rows * 0.45, cols * 0.70, rows * 0.32, cols * 0.15
     )
@@ -198,8 +200,8 @@ def xr_phantom(
     for k in range(9):  # ribs: bright curved bands
         yc = rows * (0.2 + 0.07 * k)
         band = np.abs(y - (yc + 0.00025 * (x - cols / 2) ** 2 / (cols / 1024))) < rows * 0.012
-        img[band] += 700.0
-    img[np.abs(x - cols / 2) < cols * 0.05] += 600.0  # spine
+        img[band] += 600.0
+    img[np.abs(x - cols / 2) < cols * 0.05] += 500.0  # spine
     outside = ~_ellipse(rows, cols, rows * 0.5, cols * 0.5, rows * 0.55, cols * 0.48)
     img[outside] = 300.0  # direct exposure: dark
     if blur_sigma > 0:

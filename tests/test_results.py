@@ -44,7 +44,7 @@ from dicomnode.results import (
 
 CREATED = dt.datetime(2026, 1, 2, 3, 4, 5)
 HEMORRHAGE = Code("50960005", "SCT", "Hemorrhage")
-MORPH = Code("49755003", "SCT", "Morphologically Altered Structure")
+MORPH = Code("49755003", "SCT", "Morphologically Abnormal Structure")
 VOLUME = Code("118565006", "SCT", "Volume")
 ML = Code("ml", "UCUM", "milliliter")
 QUALITY_ASSESSMENT = Code("111050", "DCM", "Quality Assessment")
@@ -155,6 +155,8 @@ def test_positive_finding_gives_seg_and_sr_that_reference_each_other(sources: li
     assert group.referenced_segment.referenced_segment_numbers == [1]
     [priority] = [i for i in _document_evaluations(sr) if i.ValueType == "CODE"]
     assert priority.ConceptCodeSequence[0].CodeValue == "103391001"  # STAT -> Urgent
+    [procedure] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
+    assert procedure.ConceptCodeSequence[0].CodeValue == "25045-6"  # CT unspecified body region
     [observer] = sr.content.get_observer_contexts()
     assert observer.observer_identifying_attributes.uid == device_observer_uid("demo-hyperdense", "1.0.0")
     evidence = {
@@ -223,7 +225,9 @@ def test_qc_failure_encodes_the_analyzers_codes_verbatim(sources: list[Dataset])
     sr = hd.sr.srread(io.BytesIO(sr_obj.data))
     [group] = sr.content.get_image_measurement_groups()
     assert group.finding_type.value == "111050"
-    evaluations = [(e.name.value, e.value.value, e.value.scheme_designator) for e in group.get_qualitative_evaluations()]
+    evaluations = [
+        (e.name.value, e.value.value, e.value.scheme_designator) for e in group.get_qualitative_evaluations()
+    ]
     assert evaluations == [("111050", "52101004", "SCT"), ("111052", "MOTION", "99DICOMNODE")]
     [rating] = group.get_measurements()
     assert (rating.name.value, rating.value) == ("111029", 2.0)
@@ -318,13 +322,13 @@ def test_invalid_scanner_header_values_are_repaired(
         assert len(str(ds.PatientName)) == 64
         family, given = ds.PatientName.family_name, ds.PatientName.given_name
         assert set(family) == {"D"} and set(given) == {"J"} and abs(len(family) - len(given)) <= 1
-        assert ds.InstitutionName == "Institution With Backslash"
         assert len(ds.AccessionNumber) == 16 and ds.AccessionNumber == "ACC-0123456789-0"
         assert ds.StudyDate == "20240131" and ds.StudyTime == "123000"
         assert ds.PatientBirthDate == "" and ds.PatientSex == ""
         assert len(ds.StudyDescription) <= 64 and ds.StudyID == "STUDY-ID-FAR-TOO"
         assert ds.ReferringPhysicianName == "Dr. Who^"
     repaired = sanitized_header(sources[0])
+    assert repaired.InstitutionName == "Institution With Backslash"  # VM 1: backslash is not a delimiter
     assert repaired.SliceThickness == 2.5 and sources[0].PatientSex == "MALE"  # the input is untouched
 
 
@@ -338,7 +342,7 @@ def test_uids_are_deterministic_per_epoch(sources: list[Dataset]) -> None:
     assert {r.series_instance_uid for r in first}.isdisjoint(r.series_instance_uid for r in other)
     series = sources[0].SeriesInstanceUID
     assert first[1].sop_instance_uid == result_uid(series, 1, "demo-hyperdense", "1.0.0", "sr", "instance")
-    assert result_uid(series, 1, "a", "1", "sr", "instance", prefix="1.2.3.") .startswith("1.2.3.")
+    assert result_uid(series, 1, "a", "1", "sr", "instance", prefix="1.2.3.").startswith("1.2.3.")
     assert result_uid(series, 1, "a", "1", "sr") != result_uid(series, 1, "a", "2", "sr")
 
 
@@ -360,14 +364,61 @@ def test_reprocessed_epoch_references_previous_report(sources: list[Dataset]) ->
 def test_bad_findings_are_refused_with_the_culprit_named(sources: list[Dataset]) -> None:
     wrong = Mask(np.zeros((3, 64, 64), dtype=bool), "x", MORPH, HEMORRHAGE)
     bad_mask = Findings(
-        "a", "1", AnalyzerKind.TRIAGE, FindingsStatus.COMPLETE, findings=(Finding(HEMORRHAGE, "t", mask=wrong),)
+        "a",
+        "1",
+        AnalyzerKind.TRIAGE,
+        FindingsStatus.COMPLETE,
+        findings=(Finding(HEMORRHAGE, "t", mask=wrong),),
     )
     with pytest.raises(ValueError, match=r"findings\[0\]\.mask: shape \(3, 64, 64\)"):
         build_results(bad_mask, sources, epoch=1)
     bad_p = Findings(
-        "a", "1", AnalyzerKind.TRIAGE, FindingsStatus.COMPLETE, findings=(Finding(HEMORRHAGE, "t", probability=91),)
+        "a",
+        "1",
+        AnalyzerKind.TRIAGE,
+        FindingsStatus.COMPLETE,
+        findings=(Finding(HEMORRHAGE, "t", probability=91),),
     )
     with pytest.raises(ValueError, match=r"findings\[0\]\.probability"):
         build_results(bad_p, sources, epoch=1)
     with pytest.raises(ValueError, match="sources"):
         build_results(bad_p, [], epoch=1)
+    twice = Findings(
+        "a",
+        "1",
+        AnalyzerKind.TRIAGE,
+        FindingsStatus.COMPLETE,
+        findings=(Finding(HEMORRHAGE, "t"), Finding(VOLUME, "t")),
+    )
+    with pytest.raises(ValueError, match=r"findings\[1\]\.tracking_id: 't' is already findings\[0\]"):
+        build_results(twice, sources, epoch=1)
+
+
+def test_several_masks_become_numbered_segments_with_empty_frames_omitted(sources: list[Dataset]) -> None:
+    shape = (len(sources), 64, 64)
+    edema = Code("267038008", "SCT", "Edema")
+    findings = Findings(
+        "demo-hyperdense",
+        "1.0.0",
+        AnalyzerKind.TRIAGE,
+        FindingsStatus.COMPLETE,
+        findings=(
+            Finding(HEMORRHAGE, "h", present=False, mask=Mask(_mask(shape, False), "H", MORPH, HEMORRHAGE)),
+            Finding(VOLUME, "plain", present=None, measurements=(Measurement(VOLUME, 3.0, ML),)),
+            Finding(edema, "e", present=True, mask=Mask(_mask(shape), "E", MORPH, edema)),
+        ),
+    )
+    seg_obj, sr_obj = build_results(findings, sources, epoch=1, created=CREATED)
+    _assert_valid(seg_obj)
+    _assert_valid(sr_obj)
+    seg = hd.seg.segread(io.BytesIO(seg_obj.data))
+    assert seg.number_of_segments == 2 and seg.NumberOfFrames == 3  # only slices 4..6 of segment 2
+    assert [seg.get_segment_description(n).tracking_id for n in (1, 2)] == ["h", "e"]
+    sr = hd.sr.srread(io.BytesIO(sr_obj.data))
+    volumetric = sr.content.get_volumetric_roi_measurement_groups()
+    assert [(g.tracking_identifier, g.referenced_segment.referenced_segment_numbers) for g in volumetric] == [
+        ("h", [1]),
+        ("e", [2]),
+    ]
+    [plain] = sr.content.get_image_measurement_groups()
+    assert plain.get_qualitative_evaluations() == []  # presence None: not applicable, nothing claimed

@@ -328,7 +328,7 @@ class Prediction:
 class TorchAnalyzer:
     """A loaded TorchScript model plus its manifest; implements the ``Analyzer`` protocol."""
 
-    def __init__(self, manifest: Manifest, module: torch.jit.ScriptModule, device: str) -> None:
+    def __init__(self, manifest: Manifest, module: torch.nn.Module, device: str) -> None:
         self.manifest = manifest
         self.name = manifest.name
         self.version = manifest.version

@@ -1,0 +1,150 @@
+"""Series completeness: when has the scanner finished sending a series epoch?
+
+DICOM has no "series complete" message, so completeness is inferred from evidence, strongest
+first:
+
+1. expected count: Images in Acquisition (0020,1002) x Number of Temporal Positions (0020,0105),
+   when the headers carry them, is reached;
+2. association release: the association that carried the series' latest instance was released
+   normally (scanners send a series and release) - then wait ``release_grace_s``;
+3. quiet period: no new instance for ``quiet_period_s`` (global, or per rule).
+
+The ledger holds the truth (last arrival, release time, counts); this module only reads it and
+asks for transitions, so after a restart every pending series is simply evaluated again. The
+scheduler calls :meth:`Assembly.sweep`; nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dicomnode.config import Config
+from dicomnode.domain import JobKind, SeriesState, SeriesSummary
+from dicomnode.jobs import JobQueue
+from dicomnode.ledger import Ledger, SeriesRow, series
+from dicomnode.routing import Plan, plan_for
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    series_instance_uid: str
+    epoch: int
+    outcome: str  # "queued", "ignored", "done"
+    rule: str
+    job_id: int | None = None
+
+
+def due_time(row: SeriesRow, quiet_period_s: float, release_grace_s: float) -> float:
+    """When ``row`` counts as complete on the evidence seen so far (may be in the past)."""
+    due = row.last_received_at + quiet_period_s
+    if row.released_at is not None:
+        due = min(due, row.released_at + release_grace_s)
+    if row.expected_count and row.instance_count >= row.expected_count:
+        due = min(due, row.last_received_at)
+    return due
+
+
+def analyze_dedup_key(series_uid: str, epoch: int, analyzers: tuple[str, ...]) -> str:
+    return f"analyze:{series_uid}:{epoch}:{','.join(sorted(analyzers))}"
+
+
+class Assembly:
+    def __init__(
+        self,
+        config: Config,
+        ledger: Ledger,
+        queue: JobQueue,
+        default_analyzers: Callable[[SeriesSummary], list[str]],
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.queue = queue
+        self.default_analyzers = default_analyzers
+
+    def _plan(self, row: SeriesRow) -> tuple[SeriesSummary, Plan | None]:
+        summary = self.ledger.series_summary(row)
+        return summary, plan_for(summary, self.config, self.default_analyzers)
+
+    def sweep(self, now: float | None = None) -> tuple[list[Completion], float | None]:
+        """Complete every receiving series that is due; return what was done and the next due time."""
+        now = time.time() if now is None else now
+        done: list[Completion] = []
+        next_due: float | None = None
+        for row in self.ledger.series_in_state(SeriesState.RECEIVING):
+            summary, plan = self._plan(row)
+            quiet = plan.quiet_period_s if plan else self.config.assembly.quiet_period_s
+            due = due_time(row, quiet, self.config.assembly.release_grace_s)
+            if due > now:
+                next_due = due if next_due is None else min(next_due, due)
+                continue
+            completion = self._complete(row, summary, plan, now)
+            if completion is not None:
+                done.append(completion)
+        return done, next_due
+
+    def _complete(self, row: SeriesRow, summary: SeriesSummary, plan: Plan | None,
+                  now: float) -> Completion | None:
+        uid, epoch = row.series_instance_uid, row.epoch
+        if plan is None:
+            return self._transition(row, SeriesState.IGNORED, "", "no rule matches this series")
+        if epoch > 1 and plan.late_policy == "ignore" and row.processed_at is not None:
+            late_by_s = self.ledger.epoch_started_at(uid, epoch) - row.processed_at
+            if late_by_s / 60 > plan.late_window_min:
+                return self._transition(row, SeriesState.IGNORED, plan.rule,
+                                        f"late images ignored by policy (rule {plan.rule})")
+        if not plan.analyzers:
+            return self._transition(row, SeriesState.DONE, plan.rule, "no analyzer applies")
+        payload = {
+            "analyzers": list(plan.analyzers),
+            "destinations": list(plan.destinations),
+            "rule": plan.rule,
+            "modality": summary.modality,
+            "calling_ae": summary.calling_ae,
+        }
+        with self.ledger.transaction() as conn:
+            moved = conn.execute(
+                series.update()
+                .where(series.c.series_instance_uid == uid)
+                .where(series.c.epoch == epoch)
+                .where(series.c.state == SeriesState.RECEIVING)
+                .values(state=SeriesState.QUEUED, processed_at=now, rule=plan.rule[:100], note="")
+            ).rowcount
+            if not moved:
+                return None  # a new instance reopened it meanwhile; the next sweep decides
+            job_id = self.queue.enqueue(
+                conn, JobKind.ANALYZE, series_uid=uid, epoch=epoch, payload=payload,
+                priority=plan.priority, dedup_key=analyze_dedup_key(uid, epoch, plan.analyzers),
+            )
+        self.queue.audit.log("series.complete", series_instance_uid=uid, epoch=epoch, rule=plan.rule,
+                             instances=row.instance_count, job=job_id)
+        self.queue.on_enqueued()
+        return Completion(uid, epoch, "queued", plan.rule, job_id)
+
+    def _transition(self, row: SeriesRow, state: SeriesState, rule: str, note: str) -> Completion | None:
+        if not self.ledger.mark_series(row.series_instance_uid, row.epoch, state, rule=rule, note=note):
+            return None
+        self.queue.audit.log("series." + state.value, series_instance_uid=row.series_instance_uid,
+                             epoch=row.epoch, note=note)
+        return Completion(row.series_instance_uid, row.epoch, state.value, rule)
+
+
+def close_epoch_if_done(ledger: Ledger, series_uid: str, epoch: int) -> bool:
+    """After a job of the epoch ended: the series is DONE when none of its jobs is still open."""
+    with ledger.transaction() as conn:
+        if ledger.epoch_jobs_open(conn, series_uid, epoch):
+            return False
+        return bool(
+            conn.execute(
+                series.update()
+                .where(series.c.series_instance_uid == series_uid)
+                .where(series.c.epoch == epoch)
+                .where(series.c.state == SeriesState.QUEUED)
+                .values(state=SeriesState.DONE)
+            ).rowcount
+        )
+

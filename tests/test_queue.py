@@ -1,0 +1,167 @@
+"""Queue: completeness, epochs, dedup and crash-safe jobs, end to end with DCMTK storescu."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+from conftest import NodeFactory, run_dcmtk, store_successes, storescu
+from synthetic import ct_series, write_series
+from test_recovery import free_port, start_serving, write_config
+
+from dicomnode.config import parse_config
+from dicomnode.domain import JobKind, JobState, SeriesState
+from dicomnode.node import Node
+
+
+def analyze_jobs(node: Node, series_uid: str | None = None) -> list:
+    return node.ledger.list_jobs(kind=JobKind.ANALYZE, series_uid=series_uid)
+
+
+def test_two_series_interleaved_over_parallel_associations_make_two_jobs(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    running = make_node()
+    a = write_series(ct_series(10, seed="inter-a", series_number=1), tmp_path / "a")
+    b = write_series(ct_series(10, seed="inter-b", series_number=2), tmp_path / "b")
+    # Each association carries half of each series, alternating, so arrivals interleave.
+    halves = [[p for pair in zip(a[:5], b[:5], strict=True) for p in pair],
+              [p for pair in zip(a[5:], b[5:], strict=True) for p in pair]]
+    results: list[subprocess.CompletedProcess[str]] = []
+    threads = [threading.Thread(target=lambda files=files: results.append(storescu(running.port, *files)))
+               for files in halves]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(store_successes(r) for r in results) == 20
+    running.node.run_until_idle(timeout=60)
+    jobs = analyze_jobs(running.node)
+    assert len(jobs) == 2
+    assert {j.state for j in jobs} == {JobState.SUCCEEDED}
+    for job in jobs:
+        assert job.outcome["instances"] == 10
+        assert running.ledger.series_row(job.series_instance_uid).state == SeriesState.DONE
+
+
+def test_late_instance_opens_one_new_epoch_and_resend_makes_no_job(make_node: NodeFactory,
+                                                                  tmp_path: Path) -> None:
+    running = make_node()
+    files = write_series(ct_series(8, seed="late"), tmp_path / "late")
+    assert store_successes(storescu(running.port, *files[:7])) == 7
+    running.node.run_until_idle(timeout=60)
+    series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    assert [j.epoch for j in analyze_jobs(running.node, series_uid)] == [1]
+
+    assert store_successes(storescu(running.port, files[7])) == 1  # late image
+    running.node.run_until_idle(timeout=60)
+    jobs = analyze_jobs(running.node, series_uid)
+    assert sorted(j.epoch for j in jobs) == [1, 2]
+    assert max(jobs, key=lambda j: j.epoch).outcome["instances"] == 8
+    row = running.ledger.series_row(series_uid)
+    assert (row.epoch, row.instance_count, row.state) == (2, 8, SeriesState.DONE)
+
+    assert store_successes(storescu(running.port, *files)) == 8  # the whole series again
+    running.node.run_until_idle(timeout=60)
+    assert len(analyze_jobs(running.node, series_uid)) == 2
+    assert running.ledger.series_row(series_uid).epoch == 2
+
+
+def test_late_policy_ignore(make_node: NodeFactory, tmp_path: Path) -> None:
+    running = make_node(assembly={"late_policy": "ignore", "late_window_min": 0})
+    files = write_series(ct_series(4, seed="ignore"), tmp_path / "ign")
+    storescu(running.port, *files[:3])
+    running.node.run_until_idle(timeout=60)
+    storescu(running.port, files[3])
+    running.node.run_until_idle(timeout=60)
+    series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    assert len(analyze_jobs(running.node, series_uid)) == 1
+    row = running.ledger.series_row(series_uid)
+    assert row.state == SeriesState.IGNORED and "late images ignored" in row.note
+
+
+def test_no_matching_rule_ignores_series_and_stat_rule_is_claimed_first(make_node: NodeFactory,
+                                                                       tmp_path: Path) -> None:
+    running = make_node(rules=[
+        {"name": "stat heads", "match": {"modality": "CT", "series_description": "*STAT*"},
+         "then": {"analyzers": ["qc-ct"], "priority": "stat"}},
+        {"name": "routine CT", "match": {"modality": "CT", "series_description": "re:^ROUTINE"},
+         "then": {"analyzers": ["qc-ct"]}},
+    ])
+    running.node.executor.stop()  # hold the queue so both jobs wait, then look at claim order
+    files = {name: write_series(ct_series(3, seed=name, series_description=desc), tmp_path / name)
+             for name, desc in [("r", "ROUTINE HEAD"), ("s", "HEAD STAT"), ("x", "SCOUT")]}
+    for name in ("r", "s", "x"):
+        storescu(running.port, *files[name])
+    deadline = time.monotonic() + 30
+    while running.ledger.series_in_state(SeriesState.RECEIVING) and time.monotonic() < deadline:
+        running.node.sweep()
+        time.sleep(0.05)
+    ignored = [s for s in running.ledger.recent_series() if s.state == SeriesState.IGNORED]
+    assert [s.series_description for s in ignored] == ["SCOUT"]
+    claimed = running.node.queue.claim([JobKind.ANALYZE])
+    assert claimed is not None and claimed.payload["rule"] == "stat heads"
+
+
+def test_kill_9_while_job_runs_reruns_it_once_after_restart(tmp_path: Path) -> None:
+    port = free_port()
+    config_path, data = write_config(tmp_path, node={"port": port}, jobs={"workers": 1},
+                                     assembly={"quiet_period_s": 0.3})
+    proc = start_serving(config_path, port)
+    files = write_series(ct_series(60, 256, 256, seed="killjob"), tmp_path / "kj")
+    try:
+        assert store_successes(storescu(port, *files)) == 60
+        ledger_path = Path(data["node"]["data_dir"]) / "ledger.sqlite3"
+        from dicomnode.ledger import Ledger
+
+        watcher = Ledger.sqlite(str(ledger_path))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if watcher.list_jobs(kind=JobKind.ANALYZE, states=[JobState.RUNNING]):
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the analyze job never started")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        watcher.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    node = Node(parse_config({**data, "jobs": {**data["jobs"], "workers": 0}}))
+    node.start()
+    try:
+        node.run_until_idle(timeout=120)
+        jobs = analyze_jobs(node)
+        assert len(jobs) == 1
+        assert jobs[0].state == JobState.SUCCEEDED and jobs[0].attempts == 2
+        results = node.ledger.results_for_series(jobs[0].series_instance_uid)
+        assert len({r.sop_instance_uid for r in results}) == len(results) > 0
+        assert sum(1 for r in node.audit.recent if r["event"] == "jobs.resumed") == 1
+    finally:
+        node.stop()
+
+
+def test_cli_lists_jobs_and_series_and_retries(make_node: NodeFactory, tmp_path: Path) -> None:
+    running = make_node()
+    files = write_series(ct_series(3, seed="cli"), tmp_path / "cli")
+    storescu(running.port, *files)
+    running.node.run_until_idle(timeout=60)
+    config_path, _ = write_config(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "dicomnode.cli", "jobs", "--config", str(config_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "analyze" in out and "succeeded" in out
+    out = subprocess.run([sys.executable, "-m", "dicomnode.cli", "series", "--config", str(config_path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "done" in out and "HEAD ROUTINE" in out
+    job = analyze_jobs(running.node)[0]
+    retry = subprocess.run([sys.executable, "-m", "dicomnode.cli", "jobs", "retry", str(job.id),
+                            "--config", str(config_path)], capture_output=True, text=True)
+    assert retry.returncode == 1 and "not failed or dead" in retry.stdout
+    run_dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", "DICOMNODE", "127.0.0.1", str(running.port))
