@@ -12,8 +12,11 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+Subscriber = Callable[[dict[str, Any]], None]
 
 
 class Audit:
@@ -23,6 +26,10 @@ class Audit:
         self._lock = threading.Lock()
         self._file = open(path, "a", encoding="utf-8") if self.enabled and path else None  # noqa: SIM115
         self.recent: deque[dict[str, Any]] = deque(maxlen=keep_recent)
+        self.subscribers: list[Subscriber] = []  # e.g. metrics; called outside the lock
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        self.subscribers.append(subscriber)
 
     def log(self, event: str, **fields: Any) -> None:
         record = {"ts": round(time.time(), 3), "event": event, **fields}
@@ -31,6 +38,8 @@ class Audit:
             if self._file is not None:
                 self._file.write(json.dumps(record, default=str, separators=(",", ":")) + "\n")
                 self._file.flush()
+        for subscriber in self.subscribers:
+            subscriber(record)
 
     def close(self) -> None:
         with self._lock:

@@ -383,7 +383,7 @@ def _stored_values(ds: Dataset) -> npt.NDArray[Any]:
     """Decoded pixel values as (frames, rows, columns) or (rows, columns), colour -> luminance."""
     array = ds.pixel_array
     if _is_palette(ds):
-        from pydicom.pixels import apply_color_lut
+        from pydicom.pixels.processing import apply_color_lut
 
         array = apply_color_lut(array, ds)
     if int(ds.get("SamplesPerPixel", 1)) > 1 or _is_palette(ds):
@@ -396,7 +396,7 @@ def _stored_values(ds: Dataset) -> npt.NDArray[Any]:
 def _physical(image: npt.NDArray[Any], ds: Dataset, frame: _Frame) -> npt.NDArray[np.float32]:
     """Modality LUT (rescale) and MONOCHROME1 inversion, see the module docstring."""
     if "ModalityLUTSequence" in ds and frame.frame_index is None:
-        from pydicom.pixels import apply_modality_lut
+        from pydicom.pixels.processing import apply_modality_lut
 
         values = np.asarray(apply_modality_lut(image, ds), dtype=np.float32)
         lo_hi = None

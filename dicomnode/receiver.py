@@ -248,7 +248,8 @@ class Receiver:
         self.audit.log("instance.stored" if outcome.new else "instance.duplicate",
                        association=association_id, calling_ae=calling,
                        sop_instance_uid=stored.sop_instance_uid,
-                       series_instance_uid=stored.series_instance_uid, epoch=outcome.epoch)
+                       series_instance_uid=stored.series_instance_uid, epoch=outcome.epoch,
+                       bytes=stored.size, transfer_syntax=stored.transfer_syntax_uid)
         if self._on_stored is not None:
             self._on_stored(stored, outcome)
         return 0x0000

@@ -113,6 +113,18 @@ def _uid(prefix: str | None, sources: list[str]) -> str:
 
 # --- header repair ---------------------------------------------------------------------------
 
+# Patient (C.7.1.1) and General Study (C.7.2.1) Type 2 attributes highdicom copies unconditionally.
+_TYPE_2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 _TEXT_VRS = {"AE", "CS", "LO", "SH", "LT", "ST", "UT", "UC", "PN", "DA", "TM", "DT", "DS", "IS", "AS"}
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 
@@ -129,6 +141,9 @@ def sanitized_header(header: Dataset) -> Dataset:
     """
     ds = copy.deepcopy(header)
     _repair(ds)
+    for keyword in _TYPE_2_COPIED:
+        if keyword not in ds:
+            setattr(ds, keyword, "")  # highdicom reads these; absent is as good as empty (Type 2)
     return ds
 
 

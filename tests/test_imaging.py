@@ -6,13 +6,13 @@ import random
 from pathlib import Path
 
 import numpy as np
+import phantoms as P
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
 from dicomnode.errors import Permanent
 from dicomnode.imaging import load_volume, stored_value_range
-import phantoms as P
 
 
 def _testdata(name: str) -> Path:
@@ -99,7 +99,12 @@ def test_truncated_pixel_data_is_reported(tmp_path: Path, ct_hu: np.ndarray) -> 
 
 @pytest.mark.parametrize(
     "name",
-    ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_bigendian.dcm"],
+    [
+        "MR_small_RLE.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_bigendian.dcm",
+    ],
 )
 def test_decodes_compressed_transfer_syntaxes_losslessly(name: str) -> None:
     reference = load_volume([_testdata("MR_small.dcm")])

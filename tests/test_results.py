@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 import shutil
 import subprocess
 import tempfile
@@ -17,7 +18,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from dciodvfy import dciodvfy
+from dciodvfy import IGNORED_WARNINGS, dciodvfy
 from pydicom.dataset import Dataset
 from pydicom.uid import SegmentationStorage
 from synthetic import ct_series
@@ -330,6 +331,28 @@ def test_invalid_scanner_header_values_are_repaired(
     repaired = sanitized_header(sources[0])
     assert repaired.InstitutionName == "Institution With Backslash"  # VM 1: backslash is not a delimiter
     assert repaired.SliceThickness == 2.5 and sources[0].PatientSex == "MALE"  # the input is untouched
+
+
+def test_missing_type_2_patient_and_study_attributes_are_written_empty(sources: list[Dataset]) -> None:
+    for ds in sources:
+        for keyword in (
+            "PatientID",
+            "PatientBirthDate",
+            "StudyDate",
+            "StudyTime",
+            "StudyID",
+            "AccessionNumber",
+        ):
+            del ds[keyword]
+    results = build_results(_positive(sources), sources, epoch=1, created=CREATED)
+    # The source lacks them, so dciodvfy rightly notes that a DICOMDIR could not be built; nothing
+    # else may be reported. (Inventing a Patient ID would be worse.)
+    dicomdir = re.compile(r"^Warning - Missing attribute or value that would be needed to build DICOMDIR")
+    for r in results:
+        report = dciodvfy(r.data, ignore=(*IGNORED_WARNINGS, dicomdir))
+        assert report.errors == [] and report.warnings == [] and report.returncode == 0
+        ds = _read(r)
+        assert ds.PatientID == "" and ds.StudyDate == "" and ds.AccessionNumber == ""
 
 
 def test_uids_are_deterministic_per_epoch(sources: list[Dataset]) -> None:

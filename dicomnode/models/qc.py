@@ -856,11 +856,8 @@ class XrQc(_QcAnalyzer):
             # refers to stored values; MONOCHROME1 images were inverted by imaging.load_volume.
             sign = _float(ctx.header_value("PixelIntensityRelationshipSign"))
             inverted = str(ctx.header_value("PhotometricInterpretation") or "").upper() == "MONOCHROME1"
-            if sign is None:
-                more_exposure_is_high = False  # presentation: direct exposure is displayed dark
-            else:
-                more_exposure_is_high = (sign > 0) != inverted
-            high_end_is_over = more_exposure_is_high
+            # without the sign, assume presentation: direct exposure is displayed dark
+            high_end_is_over = False if sign is None else (sign > 0) != inverted
             saturated_high = high_fraction >= low_fraction
             verdicts.append(OVER_EXPOSED if saturated_high == high_end_is_over else UNDER_EXPOSED)
         present = bool(verdicts)
@@ -960,7 +957,7 @@ def _downsample(image: F32, longest: int) -> F32:
         return image
     rows, cols = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
     blocks = image[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor)
-    return blocks.mean(axis=(1, 3), dtype=np.float32)
+    return np.asarray(blocks.mean(axis=(1, 3), dtype=np.float32), dtype=np.float32)
 
 
 def _crete_blur(image: F32) -> float:
@@ -981,7 +978,7 @@ def _crete_blur(image: F32) -> float:
 def _shutter_box(image: F32) -> tuple[int, int, int, int]:
     """Rows and columns at the image border that are uniform (SD < 0.5 % of the image range) are
     collimator shutters burnt into the image; returns the exposed field as (row0, row1, col0,
-    col1), half-open. At most a quarter of the image is taken from each side."""
+    col1), half-open. At most 40 % of the image is taken from each side."""
     lo, hi = float(image.min()), float(image.max())
     flat = 0.005 * (hi - lo)
     rows, cols = image.shape
@@ -994,8 +991,8 @@ def _shutter_box(image: F32) -> tuple[int, int, int, int]:
         return count
 
     return (
-        run(row_sd, rows // 4),
-        rows - run(row_sd[::-1], rows // 4),
-        run(col_sd, cols // 4),
-        cols - run(col_sd[::-1], cols // 4),
+        run(row_sd, int(0.4 * rows)),
+        rows - run(row_sd[::-1], int(0.4 * rows)),
+        run(col_sd, int(0.4 * cols)),
+        cols - run(col_sd[::-1], int(0.4 * cols)),
     )

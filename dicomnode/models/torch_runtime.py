@@ -19,6 +19,7 @@ import math
 import re
 import time
 import tomllib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -595,7 +596,11 @@ def load_model(folder: Path, device: str = "cpu") -> TorchAnalyzer:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != manifest.model_sha256:
             raise ManifestError(f"{MANIFEST_NAME}: model_sha256: {manifest.model_file} has sha256 {digest}")
-    module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
+    with warnings.catch_warnings():
+        # torch >= 2.10 deprecates TorchScript in favour of torch.export, but still loads it; the
+        # warning would otherwise fire once per worker process (and is an error under pytest).
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning)
+        module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
     module.eval()
     return TorchAnalyzer(manifest, module, device)
 

@@ -1,0 +1,387 @@
+"""Pins the TorchScript runtime: manifest validation, discovery, preprocessing, streaming,
+findings (explicit present/absent, aligned masks, priority) and FAILED findings for bad input.
+
+The models here are tiny TorchScript modules with a known answer (a threshold on the windowed
+input), so every expectation can be computed by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dicomnode.config import AnalysisSettings
+from dicomnode.domain import AnalyzerKind, FindingsStatus, Priority, SeriesSummary, Volume
+from dicomnode.errors import AnalyzerUnavailable
+from dicomnode.models import Registry
+from dicomnode.models.torch_runtime import (
+    ManifestError,
+    TorchAnalyzer,
+    load_manifest,
+    load_model,
+    select_device,
+    specs,
+)
+
+# TorchScript is deprecated in torch >= 2.10 but is the format the runtime loads; the tests script models.
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.(script|save)` is deprecated:DeprecationWarning")
+
+SEG_MANIFEST = """
+name = "{name}"
+version = "1.2.3"
+description = "test model"
+kind = "triage"
+not_for_clinical_use = true
+model_file = "model.pt"
+{extra}
+
+[filter]
+modalities = ["CT"]
+body_parts = ["HEAD"]
+
+[input]
+mode = "2d"
+{geometry}
+windows = [{{ center = 40.0, width = 80.0 }}]
+channels = 1
+batch_size = {batch}
+
+[output]
+kind = "segmentation"
+top_k = 1
+
+[[output.labels]]
+name = "Bright"
+code = {{ value = "50960005", scheme = "SCT", meaning = "Hemorrhage" }}
+category = {{ value = "49755003", scheme = "SCT", meaning = "Morphologically Altered Structure" }}
+type = {{ value = "50960005", scheme = "SCT", meaning = "Hemorrhage" }}
+
+[[thresholds]]
+label = "Bright"
+probability = 0.5
+priority = "stat"
+"""
+
+
+class Bright(nn.Module):
+    """Logit +20 where the windowed input is saturated (HU >= 80), -20 elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, :1] - 0.99) * 2000.0
+
+
+class MeanScore(nn.Module):
+    """Classification: one logit per image, positive when the mean windowed value exceeds 0.5."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.mean(dim=(2, 3)) - 0.5) * 100.0
+
+
+class Bright3d(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, :1] - 0.99) * 2000.0
+
+
+class Broken(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(1, 2, 3))  # wrong rank for a segmentation model
+
+
+def write_model(
+    folder: Path,
+    module: nn.Module,
+    *,
+    name: str = "test-bright",
+    geometry: str = "",
+    batch: int = 4,
+    extra: str = "",
+    manifest: str | None = None,
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(module), str(folder / "model.pt"))
+    text = manifest if manifest is not None else SEG_MANIFEST
+    (folder / "manifest.toml").write_text(
+        text.format(name=name, geometry=geometry, batch=batch, extra=extra), encoding="utf-8"
+    )
+    return folder
+
+
+def volume(
+    pixels: np.ndarray,
+    spacing: tuple[float, float, float] = (2.0, 1.0, 1.0),
+    modality: str = "CT",
+    problems: tuple[str, ...] = (),
+) -> Volume:
+    return Volume(
+        pixels=pixels.astype(np.float32),
+        spacing=spacing,
+        orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        origin=(0.0, 0.0, 0.0),
+        frame_of_reference_uid="1.2.3",
+        modality=modality,
+        series_instance_uid="1.2.3.4",
+        study_instance_uid="1.2.3.5",
+        headers=(),
+        slice_positions=tuple(2.0 * k for k in range(pixels.shape[0])),
+        problems=problems,
+    )
+
+
+def lesion_volume(n: int = 10, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    pixels = np.full((n, size, size), 30.0, dtype=np.float32)
+    truth = np.zeros(pixels.shape, dtype=bool)
+    truth[3:6, 20:30, 25:40] = True
+    pixels[truth] = 200.0
+    return pixels, truth
+
+
+def series(modality: str = "CT", body_part: str = "HEAD") -> SeriesSummary:
+    return SeriesSummary(
+        series_instance_uid="1.2",
+        study_instance_uid="1.3",
+        epoch=1,
+        modality=modality,
+        sop_class_uids=("1.2.840.10008.5.1.4.1.1.2",),
+        body_part=body_part,
+        series_description="",
+        study_description="",
+        calling_ae="SCANNER",
+        instance_count=10,
+        image_types=(),
+    )
+
+
+# --- findings -------------------------------------------------------------------------------------
+
+
+def test_positive_series_gives_aligned_mask_volume_and_stat_priority(tmp_path: Path) -> None:
+    analyzer = load_model(write_model(tmp_path / "m", Bright()))
+    pixels, truth = lesion_volume()
+    findings = analyzer.analyze(volume(pixels))
+    assert findings.status is FindingsStatus.COMPLETE, findings.error
+    assert findings.kind is AnalyzerKind.TRIAGE and findings.analyzer == "test-bright"
+    assert findings.priority is Priority.STAT
+    assert findings.not_for_clinical_use is True
+    (finding,) = findings.findings
+    assert finding.present is True and finding.probability == pytest.approx(1.0)
+    assert finding.finding_type.value == "50960005"
+    assert finding.mask is not None
+    assert finding.mask.array.shape == pixels.shape
+    assert np.array_equal(finding.mask.array, truth)
+    assert finding.mask.category.meaning == "Morphologically Altered Structure"
+    (measurement,) = finding.measurements
+    assert measurement.unit.value == "ml"
+    assert measurement.value == pytest.approx(truth.sum() * 2.0 / 1000.0)
+
+
+def test_negative_series_is_reported_absent_with_routine_priority(tmp_path: Path) -> None:
+    analyzer = load_model(write_model(tmp_path / "m", Bright()))
+    findings = analyzer.analyze(volume(np.full((5, 32, 32), 30.0)))
+    assert findings.status is FindingsStatus.COMPLETE
+    (finding,) = findings.findings
+    assert finding.present is False  # a negative finding is explicit, never omitted
+    assert finding.probability is not None and finding.probability < 0.01
+    assert finding.mask is None
+    assert findings.priority is Priority.ROUTINE
+
+
+def test_batches_stream_and_match_a_single_batch(tmp_path: Path) -> None:
+    pixels, _ = lesion_volume(n=11)
+    one = load_model(write_model(tmp_path / "a", Bright(), batch=64)).predict(volume(pixels))
+    seen: list[int] = []
+
+    class Recording(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[0])
+            return Bright()(x)
+
+    manifest = load_manifest(write_model(tmp_path / "b", Bright(), batch=3))
+    streamed = TorchAnalyzer(manifest, Recording(), "cpu").predict(volume(pixels))
+    assert seen == [3, 3, 3, 2]
+    assert np.array_equal(one.slice_scores, streamed.slice_scores)
+    assert one.masks is not None and streamed.masks is not None
+    assert np.array_equal(one.masks[0], streamed.masks[0])
+
+
+def test_in_plane_resampling_keeps_the_mask_aligned(tmp_path: Path) -> None:
+    analyzer = load_model(write_model(tmp_path / "m", Bright(), geometry="spacing = [2.0, 2.0]"))
+    pixels, truth = lesion_volume(size=96)
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(x.shape[2:]))
+            return Bright()(x)
+
+    analyzer = TorchAnalyzer(analyzer.manifest, Recording(), "cpu")
+    findings = analyzer.analyze(volume(pixels, spacing=(2.0, 0.5, 0.5)))
+    assert seen and seen[0] == (24, 24)  # 96 pixels x 0.5 mm / 2 mm
+    mask = findings.findings[0].mask
+    assert mask is not None and mask.array.shape == pixels.shape
+    dice = 2 * (mask.array & truth).sum() / (mask.array.sum() + truth.sum())
+    assert dice > 0.8
+
+
+def test_classification_model_and_fixed_size(tmp_path: Path) -> None:
+    manifest = SEG_MANIFEST.replace('kind = "segmentation"', 'kind = "classification"')
+    manifest = manifest.replace("category = {{", "# category = {{").replace("type = {{", "# type = {{")
+    folder = write_model(tmp_path / "c", MeanScore(), manifest=manifest, geometry="size = [16, 16]")
+    analyzer = load_model(folder)
+    bright = analyzer.analyze(volume(np.full((3, 40, 40), 75.0)))
+    dark = analyzer.analyze(volume(np.full((3, 40, 40), 10.0)))
+    assert bright.findings[0].present is True and bright.priority is Priority.STAT
+    assert dark.findings[0].present is False and dark.priority is Priority.ROUTINE
+    assert bright.findings[0].mask is None
+
+
+def test_3d_mode_maps_the_mask_back_to_the_source_grid(tmp_path: Path) -> None:
+    manifest = SEG_MANIFEST.replace('mode = "2d"', 'mode = "3d"')
+    folder = write_model(tmp_path / "d", Bright3d(), manifest=manifest, geometry="size = [10, 32, 32]")
+    pixels, truth = lesion_volume(n=10, size=64)
+    findings = load_model(folder).analyze(volume(pixels))
+    mask = findings.findings[0].mask
+    assert findings.findings[0].present is True
+    assert mask is not None and mask.array.shape == pixels.shape
+    dice = 2 * (mask.array & truth).sum() / (mask.array.sum() + truth.sum())
+    assert dice > 0.8
+
+
+def test_normalize_mode_uses_series_statistics(tmp_path: Path) -> None:
+    manifest = SEG_MANIFEST.replace("windows = [{{ center = 40.0, width = 80.0 }}]", "normalize = {{}}")
+
+    class AboveTwoSigma(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x[:, :1] - 2.0) * 100.0
+
+    folder = write_model(tmp_path / "n", AboveTwoSigma(), manifest=manifest)
+    pixels, truth = lesion_volume()
+    mask = load_model(folder).analyze(volume(pixels * 10 + 500)).findings[0].mask
+    assert mask is not None and np.array_equal(mask.array, truth)
+
+
+# --- bad input -> FAILED findings, never an exception ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("vol", "expected"),
+    [
+        (volume(np.zeros((2, 8, 8)), modality="MR"), "modality 'MR' is not handled by test-bright (expects CT)"),
+        (volume(np.zeros((0, 8, 8))), "empty volume"),
+        (
+            volume(np.zeros((2, 8, 8)), problems=("2 frames of reference in one series",)),
+            "inconsistent geometry: 2 frames of reference",
+        ),
+        (volume(np.zeros((2, 8, 8)), spacing=(0.0, 1.0, 1.0)), "invalid pixel spacing"),
+    ],
+)
+def test_bad_input_gives_failed_findings(tmp_path: Path, vol: Volume, expected: str) -> None:
+    findings = load_model(write_model(tmp_path / "m", Bright())).analyze(vol)
+    assert findings.status is FindingsStatus.FAILED
+    assert expected in findings.error
+    assert findings.findings == ()
+
+
+def test_other_geometry_problems_run_but_mark_partial(tmp_path: Path) -> None:
+    pixels, _ = lesion_volume()
+    findings = load_model(write_model(tmp_path / "m", Bright())).analyze(
+        volume(pixels, problems=("gap of 4.0 mm between slices 3 and 4",))
+    )
+    assert findings.status is FindingsStatus.PARTIAL
+    assert findings.notes == ("gap of 4.0 mm between slices 3 and 4",)
+    assert findings.findings[0].present is True
+
+
+def test_a_model_that_returns_the_wrong_shape_fails_cleanly(tmp_path: Path) -> None:
+    findings = load_model(write_model(tmp_path / "m", Broken())).analyze(volume(np.zeros((2, 8, 8))))
+    assert findings.status is FindingsStatus.FAILED
+    assert "does not match output.kind='segmentation'" in findings.error
+
+
+# --- manifest -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace('code = {{ value = "50960005", scheme = "SCT", meaning = "Hemorrhage" }}\n', ""),
+         "manifest.toml: output.labels[0].code: missing"),
+        (lambda t: t.replace("[filter]", "colour = 'red'\n[filter]"), "manifest.toml: colour: unknown key"),
+        (lambda t: t.replace("not_for_clinical_use = true\n", ""), "manifest.toml: not_for_clinical_use: missing"),
+        (lambda t: t.replace('label = "Bright"', 'label = "Dim"'),
+         "manifest.toml: thresholds[0].label: unknown label 'Dim' (known: Bright)"),
+        (lambda t: t.replace("channels = 1", "channels = 3"),
+         "manifest.toml: input: channels is 3 but the intensity settings give 1"),
+        (lambda t: t.replace('name = "Bright"', 'name = "Bright"\nthreshold = 2'),
+         "manifest.toml: output.labels[0].threshold: Input should be less than or equal to 1"),
+        (lambda t: t + "[[[", "manifest.toml: not valid TOML"),
+    ],
+)
+def test_manifest_errors_are_one_line_naming_the_key(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    folder = write_model(tmp_path / "m", Bright(), manifest=edit(SEG_MANIFEST))
+    with pytest.raises(ManifestError) as info:
+        load_manifest(folder)
+    assert str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_model_file_is_named(tmp_path: Path) -> None:
+    folder = write_model(tmp_path / "m", Bright())
+    (folder / "model.pt").unlink()
+    with pytest.raises(ManifestError, match=r"model_file: 'model.pt' not found"):
+        load_manifest(folder)
+
+
+# --- discovery and registry -----------------------------------------------------------------------
+
+
+def test_specs_discover_folders_and_report_broken_ones(tmp_path: Path) -> None:
+    write_model(tmp_path / "good", Bright())
+    broken = write_model(tmp_path / "broken", Bright(), name="other")
+    (broken / "manifest.toml").write_text('name = "other"\n', encoding="utf-8")
+    write_model(tmp_path / "twin", Bright())  # same model name as "good"
+    settings = AnalysisSettings(shipped_models=False, model_dirs=[tmp_path, tmp_path / "absent"])
+    by_name = {s.name: s for s in specs(settings)}
+    good = by_name["test-bright"]
+    assert good.unavailable == "" and good.version == "1.2.3" and good.modalities == frozenset({"CT"})
+    assert "NOT FOR CLINICAL USE" in good.description
+    assert good.matches(series(body_part="head")) and not good.matches(series(body_part="CHEST"))
+    assert not good.matches(series(modality="MR"))
+    assert by_name["broken"].unavailable.endswith("manifest.toml: version: missing; not_for_clinical_use: missing; "
+                                                  "filter: missing; input: missing; output: missing")
+    twin = [s for s in by_name.values() if "already provided" in s.unavailable]
+    assert len(twin) == 1
+    assert "model folder not found" in by_name["absent"].unavailable
+    registry = Registry(specs(settings))  # names are unique, so the registry accepts them all
+    with pytest.raises(AnalyzerUnavailable, match="broken"):
+        registry.get("broken")
+    first = registry.get("test-bright")
+    assert registry.get("test-bright") is first  # loaded once per process, then kept
+    assert registry.default_for(series()) == ["test-bright"]
+
+
+def test_sha256_mismatch_makes_the_model_unavailable(tmp_path: Path) -> None:
+    folder = write_model(tmp_path / "m", Bright(), extra=f'model_sha256 = "{"0" * 64}"')
+    registry = Registry(specs(AnalysisSettings(shipped_models=False, model_dirs=[folder])))
+    with pytest.raises(AnalyzerUnavailable, match="model_sha256: model.pt has sha256"):
+        registry.get("test-bright")
+    good = hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest()
+    folder2 = write_model(tmp_path / "m2", Bright(), name="ok", extra=f'model_sha256 = "{good}"')
+    assert load_model(folder2).name == "ok"
+
+
+def test_shipped_models_are_discovered_only_when_enabled() -> None:
+    shipped = {s.name: s for s in specs(AnalysisSettings())}
+    assert "demo-hyperdense" in shipped and shipped["demo-hyperdense"].unavailable == ""
+    assert specs(AnalysisSettings(shipped_models=False)) == []
+
+
+def test_device_selection_respects_settings() -> None:
+    assert select_device("cpu") == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert select_device("auto") == expected
+    assert select_device("cuda") == expected
