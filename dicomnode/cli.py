@@ -51,6 +51,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     node.start()
     n = config.node
     print(f"dicomnode {n.ae_title} listening on {n.host}:{n.port} (data in {node.data_dir})", flush=True)
+    if node.admin is not None:
+        print(f"admin console on {node.admin.url}", flush=True)
     stop.wait()
     node.stop()
     return 0
@@ -58,10 +60,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
 
+    from dicomnode.receiver import VERIFICATION_SOP_CLASS
+    
     ae = AE(ae_title=args.calling_ae)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
     assoc = ae.associate(args.host, args.port, ae_title=args.called_ae)
     if not assoc.is_established:
         print(f"association with {args.called_ae}@{args.host}:{args.port} failed")
@@ -185,6 +188,209 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- operate: peers, destinations, send, status (docs/operate.md) ------------------------------
+
+
+def _admin_call(config: Config, method: str, path: str) -> tuple[int, Any]:
+    """Call the running node's admin API (loopback when it listens on every address). Returns
+    (HTTP status, parsed JSON); raises OSError when no node answers."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    host = config.admin.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{config.admin.port}{path}"
+    request = urllib.request.Request(url, method=method, data=b"" if method != "GET" else None)
+    if config.admin_token:
+        request.add_header("Authorization", f"Bearer {config.admin_token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"null")
+        except ValueError:
+            return exc.code, None
+    except urllib.error.URLError as exc:
+        raise OSError(str(exc.reason)) from None
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    """List, add or remove accepted peers; a running node is told to reload them at once."""
+    from dicomnode import config_edit
+
+    path = Path(args.config) if args.config else DEFAULT_CONFIG_PATH
+    if args.action == "list":
+        config = load_config(path)
+        print(f"{'AE TITLE':16} {'HOSTS':30} DESCRIPTION")
+        for peer in config.peers:
+            print(f"{peer.ae_title:16} {', '.join(peer.hosts) or '(any)':30} {peer.description}")
+        return 0
+    if not args.ae_title:
+        print(f"usage: dicomnode peers {args.action} AE_TITLE", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "add":
+            config = config_edit.add_peer(path, {"ae_title": args.ae_title, "hosts": args.host or [],
+                                                 "description": args.description or ""})
+        else:
+            config = config_edit.remove_peer(path, args.ae_title)
+    except config_edit.PeerNotFound as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: {'added' if args.action == 'add' else 'removed'} {args.ae_title.strip()} "
+          f"({len(config.peers)} peers)")
+    try:
+        status, body = _admin_call(config, "POST", "/api/peers/reload")
+    except OSError:
+        print("node not running (admin API not reachable): the change applies when it starts")
+        return 0
+    if status != 200:
+        print(f"the running node did not reload its peers (HTTP {status}): {body}", file=sys.stderr)
+        return 1
+    print("applied to the running node")
+    return 0
+
+
+def cmd_destinations(args: argparse.Namespace) -> int:
+    """List destinations, or C-ECHO one (PS3.7 9.1.5) from our AE title."""
+    import time
+
+    from dicomnode.errors import DicomNodeError
+    from dicomnode.sender import echo
+
+    config = _load(args.config)
+    if args.action == "list" or not args.name:
+        for name, d in sorted(config.destinations.items()):
+            print(f"{name:12} {d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}")
+        return 0
+    destination = config.destinations.get(args.name)
+    if destination is None:
+        known = ", ".join(sorted(config.destinations)) or "none"
+        print(f"unknown destination {args.name!r} (known: {known})", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        status = echo(destination, config.node.ae_title)
+    except (DicomNodeError, OSError) as exc:
+        print(f"{args.name}: C-ECHO failed: {exc}")
+        return 1
+    print(f"{args.name}: C-ECHO status 0x{status:04X} in {time.perf_counter() - started:.3f} s")
+    return 0 if status == 0 else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """C-STORE every DICOM file under FOLDER to a configured destination, one association per set
+    of at most 128 presentation contexts (PS3.8 9.3.2.2), with a progress bar."""
+    import pydicom
+    from tqdm import tqdm
+
+    from dicomnode.sender import classify, make_ae
+
+    config = _load(args.config)
+    destination = config.destinations.get(args.to)
+    if destination is None:
+        print(f"unknown destination {args.to!r} (known: {', '.join(sorted(config.destinations)) or 'none'})",
+              file=sys.stderr)
+        return 2
+    folder = Path(args.folder)
+    files = sorted(p for p in (folder.rglob("*") if folder.is_dir() else [folder]) if p.is_file())
+    contexts: dict[Path, tuple[str, str]] = {}
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            contexts[path] = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        except Exception as exc:  # not a Part 10 file: say so and go on with the others
+            print(f"{path}: skipped ({exc})", file=sys.stderr)
+    batches: list[list[Path]] = []
+    seen: set[tuple[str, str]] = set()
+    for path, context in contexts.items():
+        if not batches or (context not in seen and len(seen) >= 128):
+            batches.append([])
+            seen = set()
+        seen.add(context)
+        batches[-1].append(path)
+    sent = failed = 0
+    calling = args.calling_ae or config.node.ae_title
+    with tqdm(total=len(contexts), unit="file", disable=None) as progress:
+        for batch in batches:
+            ae = make_ae(calling)
+            for context in sorted({contexts[p] for p in batch}):
+                ae.add_requested_context(context[0], [context[1]])
+            assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+            if not assoc.is_established:
+                print(f"no association with {destination.ae_title}@{destination.host}:{destination.port}",
+                      file=sys.stderr)
+                failed += len(batch)
+                progress.update(len(batch))
+                continue
+            try:
+                for path in batch:
+                    reason = _store_one(assoc, path, destination, classify)
+                    if reason:
+                        failed += 1
+                        tqdm.write(f"{path}: {reason}", file=sys.stderr)
+                    else:
+                        sent += 1
+                    progress.update(1)
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+    print(f"sent {sent} of {len(contexts)} files to {args.to} ({destination.ae_title}@{destination.host}:"
+          f"{destination.port}){f', {failed} failed' if failed else ''}")
+    return 0 if failed == 0 and sent else 1
+
+
+def _store_one(assoc: Any, path: Path, destination: Any, classify: Callable[..., Exception | None]) -> str:
+    """Send one file on an open association; returns why it was not delivered, or ''."""
+    try:
+        response = assoc.send_c_store(path)
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"C-STORE failed: {exc}"
+    if not response or "Status" not in response:
+        return "no C-STORE response (timeout or abort)"
+    error = classify(int(response.Status), destination)
+    return str(error) if error is not None else ""
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Node health (admin /healthz), queue depth by kind and state, dead letters (from the ledger)."""
+    config = _load(args.config)
+    exit_code = 0
+    try:
+        status, body = _admin_call(config, "GET", "/healthz")
+        health = body.get("status", "?") if isinstance(body, dict) else "?"
+        print(f"node {config.node.ae_title}: {health} (admin HTTP {status})")
+        exit_code = 0 if status == 200 else 1
+    except OSError as exc:
+        print(f"node {config.node.ae_title}: not reachable on admin port {config.admin.port} ({exc})")
+        exit_code = 1
+    path = config.node.data_dir.resolve() / "ledger.sqlite3"
+    if not path.exists():
+        print(f"no ledger at {path}")
+        return 1
+    from dicomnode.domain import JobKind, JobState
+    from dicomnode.ledger import Ledger
+
+    ledger = Ledger.sqlite(str(path))
+    try:
+        counts = ledger.job_counts()
+        print(f"instances stored: {ledger.count_instances()}")
+        for kind in JobKind:
+            line = ", ".join(f"{state.value} {counts.get((kind.value, state.value), 0)}"
+                             for state in JobState)
+            print(f"{kind.value:8} jobs: {line}")
+        open_jobs = sum(n for (_k, s), n in counts.items() if s in ("queued", "running", "failed"))
+        dead = counts.get((JobKind.DELIVER.value, JobState.DEAD.value), 0)
+        print(f"queue depth: {open_jobs}")
+        hint = "  (dicomnode results list; dicomnode results retry ID)" if dead else ""
+        print(f"dead letters: {dead}{hint}")
+    finally:
+        ledger.close()
+    return exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -233,6 +439,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--called-ae", default="ANY-SCP")
     p.add_argument("--calling-ae", default="DICOMNODE")
     p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("peers", help="list, add or remove accepted peers (applied to a running node)")
+    p.add_argument("action", nargs="?", choices=["list", "add", "remove"], default="list")
+    p.add_argument("ae_title", nargs="?")
+    p.add_argument("--host", action="append", help="host the peer may call from (repeat; none: any)")
+    p.add_argument("--description")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_peers)
+
+    p = sub.add_parser("destinations", help="list destinations, or C-ECHO one: destinations echo NAME")
+    p.add_argument("action", nargs="?", choices=["list", "echo"], default="list")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_destinations)
+
+    p = sub.add_parser("send", help="send the DICOM files of a folder to a destination")
+    p.add_argument("folder")
+    p.add_argument("--to", required=True, help="destination name from the config")
+    p.add_argument("--calling-ae", help="calling AE title (default: node.ae_title)")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("status", help="node health, queue depth, dead letters")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_status)
     return parser
 
 

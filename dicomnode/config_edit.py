@@ -138,10 +138,10 @@ def _table_before(document: TOMLDocument, peers: AoT) -> Table | None:
     if isinstance(previous, Table):
         last: Table = previous
         while True:  # a super-table such as [node] + [node.tls]: its last sub-table is written last
-            tables = [v for v in last.value.body if isinstance(v[1], Table)]
+            tables = [item for _key, item in last.value.body if isinstance(item, Table)]
             if not tables:
                 return last
-            last = tables[-1][1]
+            last = tables[-1]
     return None
 
 

@@ -240,14 +240,22 @@ class _GroupCommitter:
             try:
                 with self._ledger.engine.begin() as conn:
                     outcomes = [self._ledger._record(conn, item) for item, _ in batch]
-            except Exception as exc:  # the whole batch failed: tell every waiting receiver
-                for _, slot in batch:
-                    slot.fail(exc)
+            except Exception:
+                # One bad row must not refuse its neighbours: redo them one transaction each.
+                for item, slot in batch:
+                    self._commit_one(item, slot)
             else:
                 for (_, slot), outcome in zip(batch, outcomes, strict=True):
                     slot.set(outcome)
             if stop:
                 return
+
+    def _commit_one(self, item: StoredInstance, slot: _Slot) -> None:
+        try:
+            with self._ledger.engine.begin() as conn:
+                slot.set(self._ledger._record(conn, item))
+        except Exception as exc:
+            slot.fail(exc)
 
 
 class _Slot:
@@ -281,16 +289,20 @@ class Ledger:
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        # Created on first use, so analysis worker processes that only read never start a thread;
+        # the lock matters: two writer threads would race each other's series upserts.
         self._committer: _GroupCommitter | None = None
+        self._committer_lock = threading.Lock()
 
     @classmethod
     def sqlite(cls, path: str) -> Ledger:
         return cls(f"sqlite:///{path}")
 
     def close(self) -> None:
-        if self._committer is not None:
-            self._committer.close()
-            self._committer = None
+        with self._committer_lock:
+            if self._committer is not None:
+                self._committer.close()
+                self._committer = None
         self.engine.dispose()
 
     @contextmanager
@@ -302,9 +314,11 @@ class Ledger:
 
     def record_instance(self, item: StoredInstance) -> RecordOutcome:
         """Commit an instance row and its series upsert durably; safe to call from many threads."""
-        if self._committer is None:
-            self._committer = _GroupCommitter(self)
-        return self._committer.submit(item)
+        with self._committer_lock:
+            if self._committer is None:
+                self._committer = _GroupCommitter(self)
+            committer = self._committer
+        return committer.submit(item)
 
     def _record(self, conn: Connection, item: StoredInstance) -> RecordOutcome:
         received = item.received_at.timestamp()
@@ -523,7 +537,7 @@ class Ledger:
                 outcome="",
             )
         )
-        return int(result.inserted_primary_key[0])
+        return _new_id(result)
 
     def claim(self, kinds: Sequence[JobKind], owner: str, lease_s: float) -> JobRow | None:
         """Take the most urgent runnable job: queued or failed-and-due, or running with an expired
@@ -680,7 +694,7 @@ class Ledger:
         if existing is not None:
             return int(existing.id)
         values.setdefault("created_at", _now())
-        return int(conn.execute(results.insert().values(**values)).inserted_primary_key[0])
+        return _new_id(conn.execute(results.insert().values(**values)))
 
     def result(self, result_id: int) -> sa.Row[Any] | None:
         with self.engine.connect() as conn:
@@ -696,6 +710,12 @@ class Ledger:
     def result_paths(self) -> set[str]:
         with self.engine.connect() as conn:
             return set(conn.execute(sa.select(results.c.path)).scalars())
+
+
+def _new_id(result: sa.CursorResult[Any]) -> int:
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -20,10 +21,14 @@ from dicomnode.config import Config, Peer
 from dicomnode.domain import JobState, SeriesState, StoredInstance
 from dicomnode.jobs import JobQueue, LocalExecutor
 from dicomnode.ledger import Ledger
+from dicomnode.metrics import Metrics
 from dicomnode.models import build_registry
 from dicomnode.receiver import Receiver, parse_header, routing_fields
 from dicomnode.sender import DeliverHandler
 from dicomnode.spool import Spool
+
+if TYPE_CHECKING:
+    from dicomnode.admin import AdminServer
 
 LOG = logging.getLogger(__name__)
 
@@ -45,6 +50,9 @@ class Node:
         self.spool = Spool(data_dir / "spool", config.node.min_free_mb * 2**20)
         self.ledger = Ledger.sqlite(str(data_dir / "ledger.sqlite3"))
         self.audit = Audit(data_dir / "audit.log", enabled=config.audit.enabled)
+        self.metrics = Metrics(self.ledger)
+        self.audit.subscribe(self.metrics.observe)
+        self.admin: AdminServer | None = None
         self.registry = build_registry(config.analysis)
         self.queue = JobQueue(self.ledger, config.jobs, self.audit)
         self.assembly = Assembly(config, self.ledger, self.queue, self.registry.default_for)
@@ -85,11 +93,16 @@ class Node:
         sweep_every = min(1.0, self.config.assembly.quiet_period_s / 4)
         self.scheduler.add_job(self.sweep, "interval", seconds=sweep_every, id="assembly-sweep")
         self.scheduler.start()
+        if self.config.admin.enabled:
+            self._start_admin()
         self._started = True
         self.audit.log("node.started", ae_title=self.config.node.ae_title, port=self.config.node.port)
 
     def stop(self) -> None:
         if self._started:
+            if self.admin is not None:
+                self.admin.stop()
+                self.admin = None
             self.receiver.stop()
             self.scheduler.shutdown(wait=True)
             self.executor.stop()
@@ -97,6 +110,20 @@ class Node:
             self.audit.log("node.stopped")
         self.ledger.close()
         self.audit.close()
+
+    def _start_admin(self) -> None:
+        # The console is an aid: a taken port must not stop images from being received.
+        from dicomnode.admin import AdminServer
+
+        admin = AdminServer(self)
+        try:
+            admin.start()
+        except OSError as exc:
+            LOG.error("admin console not started on %s:%s: %s", admin.host, self.config.admin.port, exc)
+            self.audit.log("admin.failed", host=admin.host, port=self.config.admin.port, error=str(exc))
+            return
+        self.admin = admin
+        self.audit.log("admin.started", url=admin.url)
 
     def update_peers(self, peers: list[Peer]) -> None:
         self.receiver.update_peers(peers)

@@ -23,11 +23,12 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode import __version__
@@ -39,6 +40,8 @@ from dicomnode.ledger import Ledger, RecordOutcome
 from dicomnode.spool import Spool, require_uid, valid_uid
 
 LOG = logging.getLogger(__name__)
+
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
 IMPLEMENTATION_CLASS_UID = "2.25.198719754172931182594676417443830814155"
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
@@ -132,7 +135,7 @@ class Receiver:
         ae.network_timeout = s.network_timeout
         ae.require_called_aet = True  # wrong called AE title -> A-ASSOCIATE-RJ reason 7
         syntaxes = list(AllTransferSyntaxes)
-        ae.add_supported_context(Verification, syntaxes)
+        ae.add_supported_context(VERIFICATION_SOP_CLASS, syntaxes)
         for sop_class in storage_sop_classes():
             ae.add_supported_context(sop_class, syntaxes)
         return ae
@@ -142,7 +145,7 @@ class Receiver:
         self._peers = PeerTable(peers)
 
     def start(self) -> None:
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -150,17 +153,17 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_association_end),
         ]
         address = (self.settings.host, self.settings.port)
-        self._servers.append(self.ae.start_server(address, block=False, evt_handlers=handlers))
+        self._servers.append(_server(self.ae.start_server(address, block=False, evt_handlers=handlers)))
         tls = self.settings.tls
         if tls is not None:
             context = tls_server_context(tls.certificate, tls.private_key, tls.ca_certificates,
                                          tls.require_client_certificate)
-            self._servers.append(
+            self._servers.append(_server(
                 self.ae.start_server(
                     (self.settings.host, tls.port), block=False, evt_handlers=handlers,
                     ssl_context=context,
                 )
-            )
+            ))
         LOG.info("listening on %s:%s as %s", self.settings.host, self.settings.port, self.settings.ae_title)
 
     def stop(self) -> None:
@@ -258,13 +261,14 @@ class Receiver:
         self, event: evt.Event, association_id: str, calling: str, host: str
     ) -> tuple[StoredInstance, RecordOutcome]:
         request = event.request
+        assert isinstance(request, C_STORE)
         sop_class = str(request.AffectedSOPClassUID or "")
         sop_instance = str(request.AffectedSOPInstanceUID or "")
         transfer_syntax = str(event.context.transfer_syntax)
         self.spool.check_space()
 
         raw = event.encoded_dataset(include_meta=False)
-        meta = BytesIO()
+        meta = DicomBytesIO()
         meta.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(meta, _file_meta(sop_class, sop_instance, transfer_syntax, calling),
                              enforce_standard=True)
@@ -295,6 +299,11 @@ class Receiver:
         except Exception as exc:
             raise OutOfResources(f"ledger unavailable: {type(exc).__name__}") from exc
         return item, outcome
+
+
+def _server(server: ThreadedAssociationServer | None) -> ThreadedAssociationServer:
+    assert server is not None, "start_server(block=False) returns the server"
+    return server
 
 
 def _status(status: int, comment: str) -> Dataset:

@@ -25,7 +25,6 @@ from typing import Any
 
 import pydicom
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 
 from dicomnode.audit import Audit
 from dicomnode.config import Destination
@@ -33,7 +32,7 @@ from dicomnode.domain import JobKind
 from dicomnode.errors import Permanent, Transient
 from dicomnode.jobs import JobQueue
 from dicomnode.ledger import JobRow, Ledger
-from dicomnode.receiver import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomnode.receiver import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, VERIFICATION_SOP_CLASS
 from dicomnode.spool import Spool
 
 LOG = logging.getLogger(__name__)
@@ -129,7 +128,7 @@ def store(path: Path, destination: Destination, calling_ae: str) -> int:
 def echo(destination: Destination, calling_ae: str) -> int:
     """C-ECHO a destination; returns the status (raises Transient/Permanent like :func:`store`)."""
     ae = make_ae(calling_ae)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION_SOP_CLASS)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                          tls_args=_tls(destination))
     if not assoc.is_established:

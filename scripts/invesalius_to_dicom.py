@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 CRANIUM_INV3 = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
 DEBIAN_PACKAGE = "invesalius-examples"
@@ -52,7 +52,7 @@ def read_inv3(path: Path = CRANIUM_INV3) -> tuple[npt.NDArray[np.int16], tuple[f
     return volume, (slice_spacing, row_spacing, col_spacing)
 
 
-def _uid(*parts: str) -> str:
+def _uid(*parts: str) -> UID:
     return generate_uid(entropy_srcs=["dicomnode", "invesalius-cranium", *parts])
 
 

@@ -58,6 +58,8 @@ def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
                   {"ae_title": "PYNETDICOM"}],
         "assembly": {"quiet_period_s": 0.5, "release_grace_s": 0.1},
         "jobs": {"workers": 0, "poll_interval_s": 0.2, "backoff_base_s": 0.2},
+        # Tests that exercise the console turn it on with a free port; others must not race for 8080.
+        "admin": {"enabled": False},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):

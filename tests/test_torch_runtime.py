@@ -29,7 +29,9 @@ from dicomnode.models.torch_runtime import (
 )
 
 # TorchScript is deprecated in torch >= 2.10 but is the format the runtime loads; the tests script models.
-pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.(script|save)` is deprecated:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:`torch\.jit\.(script|save)` is deprecated:DeprecationWarning"
+)
 
 SEG_MANIFEST = """
 name = "{name}"
@@ -270,7 +272,10 @@ def test_normalize_mode_uses_series_statistics(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("vol", "expected"),
     [
-        (volume(np.zeros((2, 8, 8)), modality="MR"), "modality 'MR' is not handled by test-bright (expects CT)"),
+        (
+            volume(np.zeros((2, 8, 8)), modality="MR"),
+            "modality 'MR' is not handled by test-bright (expects CT)",
+        ),
         (volume(np.zeros((0, 8, 8))), "empty volume"),
         (
             volume(np.zeros((2, 8, 8)), problems=("2 frames of reference in one series",)),
@@ -308,16 +313,29 @@ def test_a_model_that_returns_the_wrong_shape_fails_cleanly(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t: t.replace('code = {{ value = "50960005", scheme = "SCT", meaning = "Hemorrhage" }}\n', ""),
-         "manifest.toml: output.labels[0].code: missing"),
+        (
+            lambda t: t.replace(
+                'code = {{ value = "50960005", scheme = "SCT", meaning = "Hemorrhage" }}\n', ""
+            ),
+            "manifest.toml: output.labels[0].code: missing",
+        ),
         (lambda t: t.replace("[filter]", "colour = 'red'\n[filter]"), "manifest.toml: colour: unknown key"),
-        (lambda t: t.replace("not_for_clinical_use = true\n", ""), "manifest.toml: not_for_clinical_use: missing"),
-        (lambda t: t.replace('label = "Bright"', 'label = "Dim"'),
-         "manifest.toml: thresholds[0].label: unknown label 'Dim' (known: Bright)"),
-        (lambda t: t.replace("channels = 1", "channels = 3"),
-         "manifest.toml: input: channels is 3 but the intensity settings give 1"),
-        (lambda t: t.replace('name = "Bright"', 'name = "Bright"\nthreshold = 2'),
-         "manifest.toml: output.labels[0].threshold: Input should be less than or equal to 1"),
+        (
+            lambda t: t.replace("not_for_clinical_use = true\n", ""),
+            "manifest.toml: not_for_clinical_use: missing",
+        ),
+        (
+            lambda t: t.replace('label = "Bright"', 'label = "Dim"'),
+            "manifest.toml: thresholds[0].label: unknown label 'Dim' (known: Bright)",
+        ),
+        (
+            lambda t: t.replace("channels = 1", "channels = 3"),
+            "manifest.toml: input: channels is 3 but the intensity settings give 1",
+        ),
+        (
+            lambda t: t.replace('name = "Bright"', 'name = "Bright"\nthreshold = 2'),
+            "manifest.toml: output.labels[0].threshold: Input should be less than or equal to 1",
+        ),
         (lambda t: t + "[[[", "manifest.toml: not valid TOML"),
     ],
 )
@@ -351,8 +369,10 @@ def test_specs_discover_folders_and_report_broken_ones(tmp_path: Path) -> None:
     assert "NOT FOR CLINICAL USE" in good.description
     assert good.matches(series(body_part="head")) and not good.matches(series(body_part="CHEST"))
     assert not good.matches(series(modality="MR"))
-    assert by_name["broken"].unavailable.endswith("manifest.toml: version: missing; not_for_clinical_use: missing; "
-                                                  "filter: missing; input: missing; output: missing")
+    assert by_name["broken"].unavailable.endswith(
+        "manifest.toml: version: missing; not_for_clinical_use: missing; "
+        "filter: missing; input: missing; output: missing"
+    )
     twin = [s for s in by_name.values() if "already provided" in s.unavailable]
     assert len(twin) == 1
     assert "model folder not found" in by_name["absent"].unavailable

@@ -599,7 +599,9 @@ def load_model(folder: Path, device: str = "cpu") -> TorchAnalyzer:
     with warnings.catch_warnings():
         # torch >= 2.10 deprecates TorchScript in favour of torch.export, but still loads it; the
         # warning would otherwise fire once per worker process (and is an error under pytest).
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning
+        )
         module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
     module.eval()
     return TorchAnalyzer(manifest, module, device)
@@ -638,15 +640,16 @@ def _unavailable(name: str, reason: str) -> AnalyzerSpec:
     )
 
 
-def spec_for(folder: Path, device: str) -> AnalyzerSpec:
-    """A spec for one model folder; a malformed folder gives a spec whose ``unavailable`` says why."""
+def spec_for(folder: Path, device_preference: str = "auto") -> AnalyzerSpec:
+    """A spec for one model folder; a malformed folder gives a spec whose ``unavailable`` says why.
+    Reads only the manifest: torch is imported and the device chosen when ``load`` runs."""
     try:
         manifest = load_manifest(folder)
     except ManifestError as exc:
         return _unavailable(folder.name, f"{folder}: {exc}")
 
     def load() -> Analyzer:
-        return load_model(folder, device)
+        return load_model(folder, select_device(device_preference))
 
     clinical = "" if not manifest.not_for_clinical_use else "NOT FOR CLINICAL USE. "
     return AnalyzerSpec(
@@ -662,14 +665,13 @@ def spec_for(folder: Path, device: str) -> AnalyzerSpec:
 
 def specs(settings: AnalysisSettings) -> list[AnalyzerSpec]:
     """Specs of the shipped models and of ``settings.model_dirs``. Nothing is loaded here."""
-    device = select_device(settings.device)
     result: list[AnalyzerSpec] = []
     seen: dict[str, Path] = {}
     for folder in model_folders(settings):
         if not folder.is_dir():
             result.append(_unavailable(folder.name or str(folder), f"{folder}: model folder not found"))
             continue
-        spec = spec_for(folder, device)
+        spec = spec_for(folder, settings.device)
         if spec.name in seen:
             reason = f"{folder}: model name {spec.name!r} is already provided by {seen[spec.name]}"
             spec = _unavailable(f"{spec.name}@{len(result)}", reason)
