@@ -351,7 +351,7 @@ def _problems(error: ValidationError) -> list[str]:
             if line.startswith("[") and loc:
                 index, _, rest = line.partition(" ")
                 lines.append(f"{loc}{index}: {rest}")
-            elif loc and not line.split(":", 1)[0].replace("[", ".").split(".")[0] in Config.model_fields:
+            elif loc and line.split(":", 1)[0].replace("[", ".").split(".")[0] not in Config.model_fields:
                 lines.append(f"{loc}: {line}")
             else:
                 lines.append(line)

@@ -27,8 +27,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, evt
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode import __version__

@@ -16,8 +16,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
-    CTImageStorage,
     ComputedRadiographyImageStorage,
+    CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     MRImageStorage,

@@ -23,7 +23,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     RLELossless,
 )
-from pynetdicom import AE, build_context
+from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 from synthetic import ct_series, write_series

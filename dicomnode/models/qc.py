@@ -406,10 +406,8 @@ def _touches_fov_edge(body: Mask, padding: Mask) -> bool:
     over at least 5 pixels or 1 % of that edge."""
     if not body.any():
         return False
-    if padding.any():
-        edge = ndimage.binary_dilation(padding, structure=_disk(2)) & ~padding
-    else:
-        edge = np.zeros_like(body)
+    # The rim next to the padding (outside the reconstruction circle) plus the image border.
+    edge = ndimage.binary_dilation(padding, structure=_disk(2)) & ~padding if padding.any() else np.zeros_like(body)
     edge[[0, -1], :] = True
     edge[:, [0, -1]] = True
     contact = int(np.count_nonzero(body & edge))
