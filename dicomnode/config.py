@@ -75,6 +75,13 @@ class TlsSettings(_Settings):
     )
     require_client_certificate: bool = False
 
+    @model_validator(mode="after")
+    def _client_certificates_need_a_ca(self) -> TlsSettings:
+        # Without a CA bundle the check would silently turn into CERT_NONE.
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates to verify them against")
+        return self
+
 
 class NodeSettings(_Settings):
     ae_title: AETitle = "DICOMNODE"

@@ -70,3 +70,11 @@ def test_duplicate_peer_and_unreadable_files(tmp_path: Path) -> None:
         load_config(tmp_path / "x.toml")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_required_client_certificates_need_a_ca_bundle() -> None:
+    tls = {"port": 2762, "certificate": "node.crt", "private_key": "node.key", "require_client_certificate": True}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"node": {"tls": tls}})
+    assert info.value.problems == ["node.tls: require_client_certificate needs ca_certificates to verify them against"]
+    assert parse_config({"node": {"tls": {**tls, "ca_certificates": "ca.crt"}}}).node.tls is not None

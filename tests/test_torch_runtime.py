@@ -60,7 +60,7 @@ top_k = 1
 [[output.labels]]
 name = "Bright"
 code = {{ value = "50960005", scheme = "SCT", meaning = "Hemorrhage" }}
-category = {{ value = "49755003", scheme = "SCT", meaning = "Morphologically Altered Structure" }}
+category = {{ value = "49755003", scheme = "SCT", meaning = "Morphologically Abnormal Structure" }}
 type = {{ value = "50960005", scheme = "SCT", meaning = "Hemorrhage" }}
 
 [[thresholds]]
@@ -175,7 +175,7 @@ def test_positive_series_gives_aligned_mask_volume_and_stat_priority(tmp_path: P
     assert finding.mask is not None
     assert finding.mask.array.shape == pixels.shape
     assert np.array_equal(finding.mask.array, truth)
-    assert finding.mask.category.meaning == "Morphologically Altered Structure"
+    assert finding.mask.category.meaning == "Morphologically Abnormal Structure"
     (measurement,) = finding.measurements
     assert measurement.unit.value == "ml"
     assert measurement.value == pytest.approx(truth.sum() * 2.0 / 1000.0)
