@@ -123,7 +123,9 @@ class Destination(_Settings):
     tls: bool = False
     ca_certificates: Path | None = None
     warning_is_success: list[int] = Field(
-        default_factory=lambda: [0xB000, 0xB006, 0xB007],
+        # Every warning of PS3.7 C.4 and PS3.4 B.2.3: the object was stored. Remove one to treat it
+        # as a failure (dead letter; a replay then sends the object again).
+        default_factory=lambda: [0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007],
         description="C-STORE warning statuses counted as delivered",
     )
 

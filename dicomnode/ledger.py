@@ -5,14 +5,14 @@ default, or PostgreSQL for a multi-node site. Every stage after the receiver is 
 here, so a restarted node resumes from the ledger, never from memory. The ledger stores what it is
 given; it never parses DICOM.
 
-Receiver writes go through :class:`_GroupCommitter`: concurrent associations hand their rows to one
-writer thread that commits them in a single transaction, so N parallel stores share one fsync.
+Receiver writes go through :class:`_GroupCommitter`: rows of concurrent associations that wait
+while a commit is in progress are committed together in the next transaction, so N parallel stores
+share one fsync; a lone association commits in its own thread.
 """
 
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -121,6 +121,35 @@ results = sa.Table(
 )
 
 
+_SELECT_INSTANCE_EPOCH = sa.select(instances.c.epoch).where(
+    instances.c.sop_instance_uid == sa.bindparam("sop")
+)
+_SELECT_SERIES_STATE = sa.select(series.c.epoch, series.c.state).where(
+    series.c.series_instance_uid == sa.bindparam("uid")
+)
+_SERIES_TOUCHED = {
+    "instance_count": series.c.instance_count + 1,
+    "last_received_at": sa.bindparam("received"),
+    "last_association_id": sa.bindparam("association"),
+    "released_at": None,
+    # expected_count is set from a header that states it; None keeps the value it had
+    "expected_count": sa.func.coalesce(sa.bindparam("expected", type_=sa.Integer), series.c.expected_count),
+}
+# Same epoch: one more instance in it. ``new_epoch`` is bound but unchanged (it is the current one).
+_UPDATE_SERIES = (
+    series.update()
+    .where(series.c.series_instance_uid == sa.bindparam("uid"))
+    .values(**_SERIES_TOUCHED, epoch=sa.bindparam("new_epoch"), epoch_count=series.c.epoch_count + 1)
+)
+# A late instance reopens a series already handed on: a new epoch starts with it.
+_UPDATE_SERIES_REOPEN = (
+    series.update()
+    .where(series.c.series_instance_uid == sa.bindparam("uid"))
+    .values(**_SERIES_TOUCHED, epoch=sa.bindparam("new_epoch"), epoch_count=1, state=SeriesState.RECEIVING,
+            note="")
+)
+
+
 def _now() -> float:
     return time.time()
 
@@ -203,52 +232,58 @@ class RecordOutcome:
     reopened: bool  # True: this instance reopened an already processed series
 
 
+_MAX_BATCH = 256
+
+
 class _GroupCommitter:
-    """One writer thread that commits the receivers' rows in batches (group commit)."""
+    """Group commit of the receivers' rows, without a writer thread.
+
+    Each caller queues its row, then takes the commit lock; whoever holds it commits every queued
+    row in one transaction (one fsync), its own included, and wakes their owners. A lone
+    association therefore commits in its own thread with no hand-off between threads, while rows
+    of concurrent associations that queue during a commit share the next one. The lock also keeps
+    two commits from racing each other's series upserts.
+    """
 
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
-        self._queue: queue.Queue[tuple[StoredInstance, _Slot] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
-        self._thread.start()
+        self._pending: list[tuple[StoredInstance, _Slot]] = []
+        self._pending_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
 
     def submit(self, item: StoredInstance) -> RecordOutcome:
         slot = _Slot()
-        self._queue.put((item, slot))
+        with self._pending_lock:
+            self._pending.append((item, slot))
+        with self._commit_lock:
+            # Rows leave the queue in order, so ours is committed after a bounded number of rounds,
+            # by us or by the holder of the lock before us.
+            while not slot.done:
+                with self._pending_lock:
+                    batch = self._pending[:_MAX_BATCH]
+                    del self._pending[:_MAX_BATCH]
+                self._commit(batch)
         return slot.wait()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        with self._commit_lock:  # let a commit in progress finish
+            pass
 
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < 256:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            try:
-                with self._ledger.engine.begin() as conn:
-                    outcomes = [self._ledger._record(conn, item) for item, _ in batch]
-            except Exception:
-                # One bad row must not refuse its neighbours: redo them one transaction each.
-                for item, slot in batch:
-                    self._commit_one(item, slot)
-            else:
-                for (_, slot), outcome in zip(batch, outcomes, strict=True):
-                    slot.set(outcome)
-            if stop:
-                return
+    def _commit(self, batch: list[tuple[StoredInstance, _Slot]]) -> None:
+        try:
+            with self._ledger.engine.begin() as conn:
+                outcomes = [self._ledger._record(conn, item) for item, _ in batch]
+        except Exception:
+            # One bad row must not refuse its neighbours: redo them one transaction each.
+            for item, slot in batch:
+                self._commit_one(item, slot)
+        except BaseException as exc:
+            for _, slot in batch:
+                slot.fail(exc)
+            raise
+        else:
+            for (_, slot), outcome in zip(batch, outcomes, strict=True):
+                slot.set(outcome)
 
     def _commit_one(self, item: StoredInstance, slot: _Slot) -> None:
         try:
@@ -272,6 +307,10 @@ class _Slot:
         self._error = error
         self._event.set()
 
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
     def wait(self) -> RecordOutcome:
         self._event.wait()
         if self._error is not None:
@@ -289,8 +328,8 @@ class Ledger:
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
-        # Created on first use, so analysis worker processes that only read never start a thread;
-        # the lock matters: two writer threads would race each other's series upserts.
+        # Created on first use; the lock matters: two committers would race each other's series
+        # upserts.
         self._committer: _GroupCommitter | None = None
         self._committer_lock = threading.Lock()
 
@@ -321,16 +360,13 @@ class Ledger:
         return committer.submit(item)
 
     def _record(self, conn: Connection, item: StoredInstance) -> RecordOutcome:
-        received = item.received_at.timestamp()
-        existing = conn.execute(
-            sa.select(instances.c.epoch).where(instances.c.sop_instance_uid == item.sop_instance_uid)
-        ).first()
-        current = conn.execute(
-            sa.select(series).where(series.c.series_instance_uid == item.series_instance_uid)
-        ).first()
+        # Prebuilt statements (module level): building and cache-keying a fresh Core statement per
+        # row cost more than executing it, once per C-STORE.
+        existing = conn.execute(_SELECT_INSTANCE_EPOCH, {"sop": item.sop_instance_uid}).first()
         if existing is not None:
             return RecordOutcome(new=False, epoch=existing.epoch, reopened=False)
-
+        current = conn.execute(_SELECT_SERIES_STATE, {"uid": item.series_instance_uid}).first()
+        received = item.received_at.timestamp()
         expected = item.images_in_acquisition or None
         if item.temporal_positions and expected:
             expected *= item.temporal_positions
@@ -338,64 +374,55 @@ class Ledger:
         if current is None:
             epoch = 1
             conn.execute(
-                series.insert().values(
-                    series_instance_uid=item.series_instance_uid,
-                    study_instance_uid=item.study_instance_uid,
-                    modality=item.modality,
-                    body_part=item.body_part,
-                    series_description=item.series_description,
-                    study_description=item.study_description,
-                    calling_ae=item.calling_ae,
-                    instance_count=1,
-                    epoch=1,
-                    epoch_count=1,
-                    state=SeriesState.RECEIVING,
-                    expected_count=expected,
-                    first_received_at=received,
-                    last_received_at=received,
-                    last_association_id=item.association_id,
-                    released_at=None,
-                )
+                series.insert(),
+                {
+                    "series_instance_uid": item.series_instance_uid,
+                    "study_instance_uid": item.study_instance_uid,
+                    "modality": item.modality,
+                    "body_part": item.body_part,
+                    "series_description": item.series_description,
+                    "study_description": item.study_description,
+                    "calling_ae": item.calling_ae,
+                    "instance_count": 1,
+                    "epoch": 1,
+                    "epoch_count": 1,
+                    "state": SeriesState.RECEIVING,
+                    "expected_count": expected,
+                    "first_received_at": received,
+                    "last_received_at": received,
+                    "last_association_id": item.association_id,
+                    "released_at": None,
+                },
             )
         else:
             epoch = current.epoch
-            values: dict[str, Any] = {
-                "instance_count": series.c.instance_count + 1,
-                "last_received_at": received,
-                "last_association_id": item.association_id,
-                "released_at": None,
-            }
             if current.state != SeriesState.RECEIVING:
                 # A late image for a series already handed on: it opens a new epoch.
                 epoch = current.epoch + 1
                 reopened = True
-                values.update(epoch=epoch, epoch_count=1, state=SeriesState.RECEIVING, note="")
-            else:
-                values["epoch_count"] = series.c.epoch_count + 1
-            if expected:
-                values["expected_count"] = expected
             conn.execute(
-                series.update()
-                .where(series.c.series_instance_uid == item.series_instance_uid)
-                .values(**values)
+                _UPDATE_SERIES_REOPEN if reopened else _UPDATE_SERIES,
+                {"uid": item.series_instance_uid, "received": received,
+                 "association": item.association_id, "expected": expected, "new_epoch": epoch},
             )
         conn.execute(
-            instances.insert().values(
-                sop_instance_uid=item.sop_instance_uid,
-                series_instance_uid=item.series_instance_uid,
-                study_instance_uid=item.study_instance_uid,
-                sop_class_uid=item.sop_class_uid,
-                transfer_syntax_uid=item.transfer_syntax_uid,
-                path=item.path,
-                size=item.size,
-                calling_ae=item.calling_ae,
-                peer_host=item.peer_host,
-                association_id=item.association_id,
-                received_at=received,
-                epoch=epoch,
-                instance_number=item.instance_number,
-                image_type=item.image_type,
-            )
+            instances.insert(),
+            {
+                "sop_instance_uid": item.sop_instance_uid,
+                "series_instance_uid": item.series_instance_uid,
+                "study_instance_uid": item.study_instance_uid,
+                "sop_class_uid": item.sop_class_uid,
+                "transfer_syntax_uid": item.transfer_syntax_uid,
+                "path": item.path,
+                "size": item.size,
+                "calling_ae": item.calling_ae,
+                "peer_host": item.peer_host,
+                "association_id": item.association_id,
+                "received_at": received,
+                "epoch": epoch,
+                "instance_number": item.instance_number,
+                "image_type": item.image_type,
+            },
         )
         return RecordOutcome(new=True, epoch=epoch, reopened=reopened)
 

@@ -10,11 +10,16 @@ models or waits on jobs.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
+import socket
 import ssl
+import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,13 +27,23 @@ from io import BytesIO
 from typing import Any
 
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, AllTransferSyntaxes
-from pynetdicom import AE, evt
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
+from pydicom.tag import BaseTag
+from pydicom.uid import (
+    UID,
+    AllTransferSyntaxes,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode import __version__
@@ -59,7 +74,36 @@ _MODALITY_OF_SOP_CLASS = {
     "1.2.840.10008.5.1.4.1.1.128": ("PT",),  # PET Image Storage
     "1.2.840.10008.5.1.4.1.1.20": ("NM",),  # NM Image Storage
 }
+_SMPTE_ST_2110 = "1.2.840.10008.1.2.7."
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float / Double Float Pixel Data
+
+
+def accepted_transfer_syntaxes() -> list[str]:
+    """The transfer syntaxes we accept, in order of preference.
+
+    pynetdicom accepts the first of *our* syntaxes that the requestor proposed in a context, so the
+    order is a policy: uncompressed explicit VR first (no work for the modality), then lossless
+    compressions, deflate, implicit VR, and lossy syntaxes last, so that a modality that offers both
+    never has to compress a lossless original lossily for us. JPIP-referenced syntaxes (no pixel
+    data to analyse) and SMPTE ST 2110 (real-time video streams, not C-STORE) are not accepted.
+    """
+
+    def rank(uid: UID) -> int:
+        if uid == ExplicitVRLittleEndian:
+            return 0
+        if uid.is_compressed and "Lossless" in uid.name:
+            return 1
+        if uid == DeflatedExplicitVRLittleEndian:
+            return 2
+        if uid == ImplicitVRLittleEndian:
+            return 3
+        if uid == ExplicitVRBigEndian:  # retired, still sent by old equipment
+            return 5
+        return 4
+
+    usable = [UID(u) for u in AllTransferSyntaxes
+              if "JPIP" not in UID(u).name and not u.startswith(_SMPTE_ST_2110)]
+    return [str(u) for u in sorted(usable, key=rank)]  # sorted() is stable: pydicom's order within a rank
 
 
 def storage_sop_classes() -> list[str]:
@@ -67,6 +111,41 @@ def storage_sop_classes() -> list[str]:
     from pynetdicom import AllStoragePresentationContexts
 
     return [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+
+
+class SharedContexts(list[PresentationContext]):
+    """The supported presentation contexts, shared read-only by every association.
+
+    pynetdicom 3.0.4 deep-copies the server's contexts for each association it accepts
+    (``RequestHandler._create_association``): ~6,700 UIDs for our 171 SOP classes x 39 transfer
+    syntaxes, tens of milliseconds per association. Negotiation only reads them
+    (``presentation.negotiate_as_acceptor`` builds new contexts for its result), so a shallow copy
+    of the list is as safe. The contexts themselves are private copies nobody else can change.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedContexts:
+        return SharedContexts(self)
+
+
+def quiet_pynetdicom_event_logging() -> None:
+    """Unbind pynetdicom's standard PDU/DIMSE event loggers unless its debug log is wanted.
+
+    They format every PDU and DIMSE message (for DEBUG lines) whatever the log level, at a cost
+    per C-STORE comparable to storing it. Warnings, errors and association outcomes are still
+    logged. Read when an AE starts a server and when each association is created.
+    """
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+        _config.LOG_HANDLER_LEVEL = "none"
+
+
+def set_tcp_nodelay(sock: Any) -> None:
+    """Disable Nagle's algorithm: a DIMSE message written as several PDUs must not wait for the
+    peer's delayed ACK (~40 ms on Linux) between them."""
+    raw = getattr(sock, "socket", sock)  # pynetdicom's AssociationSocket wraps the socket
+    if raw is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # already closed, or not TCP
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @dataclass(frozen=True)
@@ -119,6 +198,7 @@ class Receiver:
         self._association_ids: dict[int, str] = {}
         self._stored_by_association: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._contexts = SharedContexts()
         self.ae = self._make_ae()
 
     # --- set-up -------------------------------------------------------------------------------
@@ -134,10 +214,12 @@ class Receiver:
         ae.dimse_timeout = s.dimse_timeout
         ae.network_timeout = s.network_timeout
         ae.require_called_aet = True  # wrong called AE title -> A-ASSOCIATE-RJ reason 7
-        syntaxes = list(AllTransferSyntaxes)
+        syntaxes = accepted_transfer_syntaxes()
         ae.add_supported_context(VERIFICATION_SOP_CLASS, syntaxes)
         for sop_class in storage_sop_classes():
             ae.add_supported_context(sop_class, syntaxes)
+        # Private copies: nothing that changes the AE's contexts can reach running associations.
+        self._contexts = SharedContexts(copy.deepcopy(ae.supported_contexts))
         return ae
 
     def update_peers(self, peers: list[Peer]) -> None:
@@ -147,13 +229,16 @@ class Receiver:
     def start(self) -> None:
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected_by_pynetdicom),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_association_end),
             (evt.EVT_ABORTED, self._on_association_end),
         ]
+        quiet_pynetdicom_event_logging()
         address = (self.settings.host, self.settings.port)
-        self._servers.append(_server(self.ae.start_server(address, block=False, evt_handlers=handlers)))
+        self._servers.append(_server(self.ae.start_server(address, block=False, evt_handlers=handlers,
+                                                          contexts=self._contexts)))
         tls = self.settings.tls
         if tls is not None:
             context = tls_server_context(tls.certificate, tls.private_key, tls.ca_certificates,
@@ -161,7 +246,7 @@ class Receiver:
             self._servers.append(_server(
                 self.ae.start_server(
                     (self.settings.host, tls.port), block=False, evt_handlers=handlers,
-                    ssl_context=context,
+                    ssl_context=context, contexts=self._contexts,
                 )
             ))
         LOG.info("listening on %s:%s as %s", self.settings.host, self.settings.port, self.settings.ae_title)
@@ -186,6 +271,7 @@ class Receiver:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        set_tcp_nodelay(assoc.dul.socket)
         primitive = assoc.requestor.primitive
         assert primitive is not None
         calling = str(primitive.calling_ae_title).strip()
@@ -206,6 +292,28 @@ class Receiver:
         while assoc.dul.to_provider_queue.qsize() and time.monotonic() < deadline:
             time.sleep(0.001)
         assoc.kill()
+        self._forget(assoc)  # a killed association never reaches EVT_RELEASED/EVT_ABORTED
+
+    def _on_rejected_by_pynetdicom(self, event: evt.Event) -> None:
+        """pynetdicom's own rejections, after ours let the caller through: called AE title
+        (reason 7) and the association limit (transient, local limit exceeded)."""
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
+        called = str(primitive.called_ae_title).strip() if primitive is not None else ""
+        if called != self.settings.ae_title:
+            reason = f"called AE title {called!r} is not {self.settings.ae_title!r}"
+        else:
+            reason = f"association limit ({self.settings.max_associations}) reached"
+        LOG.warning("rejecting association: %s", reason)
+        self.audit.log("association.rejected", association=self._forget(assoc),
+                       calling_ae=str(assoc.requestor.ae_title).strip(),
+                       host=str(assoc.requestor.address), reason=reason)
+
+    def _forget(self, assoc: Association) -> str:
+        with self._lock:
+            association_id = self._association_ids.pop(id(assoc), "")
+            self._stored_by_association.pop(association_id, None)
+        return association_id
 
     def _on_association_end(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -268,12 +376,8 @@ class Receiver:
         self.spool.check_space()
 
         raw = event.encoded_dataset(include_meta=False)
-        meta = DicomBytesIO()
-        meta.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(meta, _file_meta(sop_class, sop_instance, transfer_syntax, calling),
-                             enforce_standard=True)
-        header = meta.getvalue()
-        ds = parse_header(header + raw)
+        header = file_meta_bytes(sop_class, sop_instance, transfer_syntax, calling)
+        ds = parse_received(raw, transfer_syntax)
         check_dataset(ds, sop_class, sop_instance)
 
         study = require_uid("StudyInstanceUID", ds.get("StudyInstanceUID"))
@@ -298,7 +402,16 @@ class Receiver:
             outcome = self.ledger.record_instance(item)
         except Exception as exc:
             raise OutOfResources(f"ledger unavailable: {type(exc).__name__}") from exc
+        if not outcome.new:
+            self._drop_duplicate_copy(item)
         return item, outcome
+
+    def _drop_duplicate_copy(self, item: StoredInstance) -> None:
+        """A duplicate SOP Instance UID sent under another study or series lands at another path;
+        the first copy is the one the ledger knows, so the second file is removed, not orphaned."""
+        first = self.ledger.instance(item.sop_instance_uid)
+        if first is not None and first.path != item.path:
+            self.spool.discard(item.path)
 
 
 def _server(server: ThreadedAssociationServer | None) -> ThreadedAssociationServer:
@@ -313,19 +426,100 @@ def _status(status: int, comment: str) -> Dataset:
     return ds
 
 
-def _file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, calling: str) -> FileMetaDataset:
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element, Explicit VR Little Endian (PS3.5 7.1.2)."""
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    value = text.encode("ascii")
+    return value + pad if len(value) % 2 else value
+
+
+def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str, calling: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information of a received instance (PS3.10 7.1).
+
+    Encoded by hand: the same bytes as pydicom's ``write_file_meta_info(enforce_standard=True)``
+    (pinned by a test) at a fraction of the cost, which matters once per C-STORE.
+    """
     if not valid_uid(sop_class) or not valid_uid(sop_instance):
         raise CannotUnderstand("Affected SOP Class/Instance UID is missing or invalid")
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = UID(sop_class)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
-    meta.TransferSyntaxUID = UID(transfer_syntax)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    elements = [
+        _element(0x0001, b"OB", b"\x00\x01"),  # File Meta Information Version
+        _element(0x0002, b"UI", _padded(sop_class, b"\x00")),
+        _element(0x0003, b"UI", _padded(sop_instance, b"\x00")),
+        _element(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
+        _element(0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
+        _element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
+    ]
     if calling:
-        meta.SourceApplicationEntityTitle = calling
-    return meta
+        elements.append(_element(0x0016, b"AE", _padded(calling, b" ")))
+    body = b"".join(elements)
+    return b"\x00" * 128 + b"DICM" + _element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+# The attributes the receiver, routing and assembly read (check_dataset, routing_fields), and the
+# pixel data tags, whose presence is checked but whose values are never read.
+HEADER_TAGS = tuple(
+    BaseTag(t)
+    for t in (
+        0x00080008,  # ImageType
+        0x00080016,  # SOPClassUID
+        0x00080018,  # SOPInstanceUID
+        0x00080060,  # Modality
+        0x00081030,  # StudyDescription
+        0x0008103E,  # SeriesDescription
+        0x00180015,  # BodyPartExamined
+        0x0020000D,  # StudyInstanceUID
+        0x0020000E,  # SeriesInstanceUID
+        0x00200013,  # InstanceNumber
+        0x00200105,  # NumberOfTemporalPositions
+        0x00201002,  # ImagesInAcquisition
+        *_PIXEL_TAGS,
+    )
+)
+_DEFER_BYTES = 1024  # longer values (pixel data) are skipped, not copied
+
+
+def parse_received(raw: bytes, transfer_syntax: str) -> Dataset:
+    """Parse a received data set (no File Meta) for :data:`HEADER_TAGS` only.
+
+    Every top-level element header is walked (undefined-length sequences and values down to their
+    delimiters); the values of other elements are skipped unread and never converted, which keeps
+    this cheap per C-STORE. A data set that cannot be walked, or whose last element runs past the
+    end (truncated), raises :class:`CannotUnderstand` (0xC000).
+    """
+    try:
+        syntax = UID(transfer_syntax)
+        known = syntax.is_transfer_syntax  # else: explicit VR little endian, as pydicom assumes
+        if known and syntax.is_deflated:
+            raw = zlib.decompress(raw, -zlib.MAX_WBITS)
+        implicit = known and bool(syntax.is_implicit_VR)
+        little = not known or bool(syntax.is_little_endian)
+        fp = BytesIO(raw)
+        elements: dict[BaseTag, Any] = {}
+        for elem in data_element_generator(fp, implicit, little, defer_size=_DEFER_BYTES,
+                                           specific_tags=list(HEADER_TAGS)):
+            elements[elem.tag] = elem
+    except Exception as exc:
+        raise CannotUnderstand(f"cannot parse data set: {exc}"[:64]) from exc
+    end = fp.tell()  # past the end when a skipped value was longer than the data
+    for elem in elements.values():
+        if isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF:
+            end = max(end, elem.value_tell + elem.length)
+    if end > len(raw):
+        raise CannotUnderstand(f"data set truncated: {len(raw)} of at least {end} bytes")
+    ds = Dataset(elements)
+    encoding: str | list[str] = default_encoding
+    try:
+        if 0x00080005 in elements:
+            encoding = convert_encodings(ds.get("SpecificCharacterSet"))
+    except Exception as exc:
+        raise CannotUnderstand(f"cannot parse data set: {exc}"[:64]) from exc
+    ds.set_original_encoding(implicit, little, encoding)
+    return ds
 
 
 def parse_header(data: bytes) -> Dataset:

@@ -27,6 +27,9 @@ from dicomnode.errors import CannotUnderstand, OutOfResources
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
+_CACHE_LIMIT = 10_000  # folders remembered; one per series, forgotten wholesale when full
+
+
 def valid_uid(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and _UID.fullmatch(value) is not None
 
@@ -55,7 +58,8 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         for sub in ("incoming", "instances", "results"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._known_dirs: set[Path] = set()
+        self._known_dirs: set[Path] = set()  # directories known to exist durably
+        self._resolved: dict[str, Path] = {}  # relative parent folder -> resolved, checked path
 
     # --- paths ----------------------------------------------------------------------------------
 
@@ -86,10 +90,24 @@ class Spool:
                 f"{self.min_free_bytes // 2**20} MiB"
             )
 
+    def _target(self, relative: str) -> Path:
+        """:meth:`path` for writing, with the parent folder's resolution cached: resolving every
+        component of a six-deep path costs a system call each, once per stored instance."""
+        parent, _, name = relative.rpartition("/")
+        if not parent or name in ("", ".", ".."):
+            return self.path(relative)
+        folder = self._resolved.get(parent)
+        if folder is None:
+            folder = self.path(parent)
+            if len(self._resolved) >= _CACHE_LIMIT:
+                self._resolved.clear()
+            self._resolved[parent] = folder
+        return folder / name
+
     def write(self, relative: str, *chunks: bytes) -> bool:
         """Durably write ``chunks`` to ``relative``. Returns False if the file already existed
         (nothing is overwritten). Raises :class:`OutOfResources` on a full disk."""
-        target = self.path(relative)
+        target = self._target(relative)
         size = sum(len(c) for c in chunks)
         self.check_space(size)
         temp = self.incoming / f"{uuid.uuid4().hex}.part"
@@ -122,6 +140,8 @@ class Spool:
                     if ancestor == self.root:
                         break
                     _fsync_dir(ancestor.parent)
+            if len(self._known_dirs) >= _CACHE_LIMIT:
+                self._known_dirs.clear()
             self._known_dirs.add(parent)
         try:
             os.link(temp, target)
@@ -134,6 +154,13 @@ class Spool:
 
     def read(self, relative: str) -> bytes:
         return self.path(relative).read_bytes()
+
+    def discard(self, relative: str) -> None:
+        """Remove a file that must not stay in the spool (already gone is fine)."""
+        target = self.path(relative)
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+            _fsync_dir(target.parent)
 
     def exists(self, relative: str) -> bool:
         return self.path(relative).is_file()

@@ -21,6 +21,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    MRImageStorage,
     RLELossless,
 )
 from pynetdicom import AE
@@ -150,6 +152,47 @@ def test_duplicate_sop_instance_is_success_with_one_row(running_node: RunningNod
     assert events.count("instance.stored") == 1 and events.count("instance.duplicate") == 1
 
 
+def test_duplicate_under_another_series_keeps_the_first_copy_only(
+    running_node: RunningNode, tmp_path: Path
+) -> None:
+    first = ct_series(1, seed="dup-moved")[0]
+    moved = ct_series(1, seed="dup-moved")[0]
+    moved.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.999"
+    paths = write_series([first], tmp_path / "a") + write_series([moved], tmp_path / "b")
+    for path in paths:
+        assert store_successes(storescu(running_node.port, path)) == 1
+    assert running_node.ledger.count_instances() == 1
+    row = running_node.ledger.instance(first.SOPInstanceUID)
+    assert first.SeriesInstanceUID in row.path
+    spooled = sorted(running_node.node.spool.files())
+    assert spooled == [row.path]
+
+
+def test_transfer_syntax_preference_never_asks_for_lossy(running_node: RunningNode) -> None:
+    """pynetdicom takes the acceptor's order: ours prefers uncompressed explicit VR, then lossless."""
+    offers = {
+        (JPEGBaseline8Bit, ExplicitVRLittleEndian, ImplicitVRLittleEndian): ExplicitVRLittleEndian,
+        (JPEGBaseline8Bit, JPEG2000Lossless, ImplicitVRLittleEndian): JPEG2000Lossless,
+        (JPEGBaseline8Bit, ImplicitVRLittleEndian): ImplicitVRLittleEndian,
+        (JPEGBaseline8Bit,): JPEGBaseline8Bit,
+    }
+    ae = AE(ae_title="PYNETDICOM")
+    for offer in offers:
+        ae.add_requested_context(CTImageStorage, list(offer))
+    ae.add_requested_context(MRImageStorage, ["1.2.840.10008.1.2.4.204"])  # JPIP HTJ2K Referenced
+    assoc = ae.associate("127.0.0.1", running_node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        accepted = {tuple(cx.transfer_syntax): cx for cx in assoc.requestor.requested_contexts}
+        results = {cx.context_id: cx for cx in assoc.accepted_contexts + assoc.rejected_contexts}
+        for offer, expected in offers.items():
+            context = results[accepted[offer].context_id]
+            assert context.result == 0x00 and context.transfer_syntax == [expected], offer
+        assert [cx.abstract_syntax for cx in assoc.rejected_contexts] == [MRImageStorage]
+    finally:
+        assoc.release()
+
+
 # --- association policy --------------------------------------------------------------------------
 
 
@@ -177,6 +220,19 @@ def test_known_ae_from_wrong_host_rejected(make_node: NodeFactory) -> None:
 def test_wrong_called_ae_rejected_reason_7(running_node: RunningNode) -> None:
     output = _echo(running_node.port, "ECHOSCU", called="SOMEONEELSE")
     assert "Rejected Permanent" in output and "Called AE Title Not Recognized" in output, output
+    rejected = [r for r in running_node.node.audit.recent if r["event"] == "association.rejected"]
+    assert rejected[-1]["reason"] == "called AE title 'SOMEONEELSE' is not 'DICOMNODE'"
+
+
+def test_rejected_associations_leave_no_state_behind(running_node: RunningNode) -> None:
+    for calling, called in [("INTRUDER", "DICOMNODE"), ("ECHOSCU", "SOMEONEELSE")]:
+        assert "Rejected Permanent" in _echo(running_node.port, calling, called)
+    assert "Received Echo Response (Success)" in _echo(running_node.port, "ECHOSCU")
+    receiver = running_node.node.receiver
+    deadline = time.monotonic() + 5
+    while receiver._association_ids and time.monotonic() < deadline:  # the release event may lag
+        time.sleep(0.01)
+    assert receiver._association_ids == {} and receiver._stored_by_association == {}
 
 
 def test_over_max_associations_rejected_transiently(make_node: NodeFactory) -> None:
@@ -190,6 +246,8 @@ def test_over_max_associations_rejected_transiently(make_node: NodeFactory) -> N
         assert "Rejected Transient" in output, output
     finally:
         held.release()
+    rejected = [r for r in node.node.audit.recent if r["event"] == "association.rejected"]
+    assert rejected[-1]["reason"] == "association limit (1) reached"
     assert "Received Echo Response (Success)" in _echo(node.port, "ECHOSCU")
 
 
@@ -249,6 +307,14 @@ def test_garbage_dataset_is_cannot_understand(running_node: RunningNode) -> None
     status = _send_raw(running_node.port, CTImageStorage, "1.2.3.4", b"\x08\x00\x16\x00garbage" * 10)
     assert 0xC000 <= status.Status <= 0xCFFF
     assert status.ErrorComment
+    assert running_node.ledger.count_instances() == 0
+
+
+def test_truncated_dataset_is_cannot_understand(running_node: RunningNode) -> None:
+    ds = ct_series(1, seed="truncated")[0]
+    status = _send_raw(running_node.port, CTImageStorage, ds.SOPInstanceUID, _encode(ds)[:-100])
+    assert 0xC000 <= status.Status <= 0xCFFF, status
+    assert "truncated" in status.ErrorComment
     assert running_node.ledger.count_instances() == 0
 
 
@@ -379,3 +445,96 @@ def test_tls_echo_and_store_with_client_certificate(make_node: NodeFactory, tmp_
                        "DICOMNODE", "127.0.0.1", str(tls_port))
     assert "Received Echo Response (Success)" not in result.stdout + result.stderr
     assert "Received Echo Response (Success)" in _echo(node.port, "ECHOSCU")
+
+
+# --- per-association and per-instance costs -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("syntax", "calling"),
+    [(ExplicitVRLittleEndian, "STORESCU"), (ImplicitVRLittleEndian, "A"), (JPEG2000Lossless, ""),
+     (DeflatedExplicitVRLittleEndian, "ABCDEFGHIJKLMNOP")],
+)
+def test_file_meta_bytes_match_pydicom(syntax: str, calling: str) -> None:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    from dicomnode.receiver import IMPLEMENTATION_VERSION_NAME, file_meta_bytes
+
+    for sop in ("1.2.3.4", "1.2.3.45"):  # odd and even lengths: UI padding
+        meta = FileMetaDataset()
+        meta.FileMetaInformationVersion = b"\x00\x01"
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop
+        meta.TransferSyntaxUID = syntax
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        if calling:
+            meta.SourceApplicationEntityTitle = calling
+        expected = DicomBytesIO()
+        expected.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(expected, meta, enforce_standard=True)
+        assert file_meta_bytes(CTImageStorage, sop, syntax, calling) == expected.getvalue()
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless,
+                                    DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.2"])
+def test_received_header_parse_reads_what_the_full_parse_reads(tmp_path: Path, syntax: str) -> None:
+    """The per-C-STORE parse skips unneeded values; routing must see the same header fields."""
+    from synthetic import mr_series
+
+    from dicomnode.receiver import check_dataset, parse_header, parse_received, routing_fields
+
+    datasets = [*ct_series(2, seed="hdr", images_in_acquisition=True), *mr_series(1, seed="hdr")]
+    datasets[1].SpecificCharacterSet = "ISO_IR 100"
+    datasets[1].SeriesDescription = "Sch\u00e4del nativ"
+    datasets[1].NumberOfTemporalPositions = 3
+    for ds in datasets:
+        if syntax == DeflatedExplicitVRLittleEndian:
+            ds.file_meta.TransferSyntaxUID = syntax
+        elif syntax == "1.2.840.10008.1.2.2":  # Explicit VR Big Endian (retired)
+            ds.file_meta.TransferSyntaxUID = syntax
+            ds.PixelData = ds.pixel_array.astype(">u2").tobytes()
+    if syntax in (DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.2"):
+        paths = []
+        for i, ds in enumerate(datasets):
+            paths.append(tmp_path / f"{i}.dcm")
+            ds.save_as(paths[-1], enforce_file_format=True)
+    else:
+        paths = write_series(datasets, tmp_path, pydicom.uid.UID(syntax))
+    for path in paths:
+        full = parse_header(path.read_bytes())
+        fast = parse_received(dataset_bytes(path), syntax)
+        assert routing_fields(fast) == routing_fields(full)
+        check_dataset(fast, str(full.SOPClassUID), str(full.SOPInstanceUID))
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+            assert fast.get(keyword) == full.get(keyword)
+
+
+def test_supported_contexts_are_shared_not_copied_per_association() -> None:
+    import copy
+
+    from dicomnode.receiver import SharedContexts, storage_sop_classes
+
+    contexts = SharedContexts(AE().supported_contexts)
+    copied = copy.deepcopy(contexts)
+    assert copied is not contexts and all(a is b for a, b in zip(copied, contexts, strict=True))
+    assert len(storage_sop_classes()) > 100  # why it matters: thousands of UIDs per deep copy
+
+
+def test_accepted_sockets_have_tcp_nodelay(running_node: RunningNode) -> None:
+    from pynetdicom import evt
+
+    seen: list[int] = []
+
+    def on_echo(event: evt.Event) -> int:
+        sock = event.assoc.dul.socket.socket  # type: ignore[union-attr]
+        assert sock is not None
+        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        return 0x0000
+
+    for server in running_node.node.receiver._servers:
+        server.bind(evt.EVT_C_ECHO, on_echo)  # intervention event: replaces the receiver's handler
+    assert "Received Echo Response (Success)" in _echo(running_node.port, "ECHOSCU")
+    assert seen and all(seen)

@@ -30,7 +30,8 @@ DEST = Destination(ae_title="PACS", host="127.0.0.1", port=104)
     ("status", "expected"),
     [(0x0000, None), (0xB000, None), (0xB007, None), (0xA700, Transient), (0xA7FF, Transient),
      (0x0110, Transient), (0xA900, Permanent), (0xC000, Permanent), (0xC123, Permanent),
-     (0x0122, Permanent), (0xB00A, Permanent), (0x0124, Permanent)],
+     (0x0122, Permanent), (0xB00A, Permanent), (0x0124, Permanent), (0x0107, None), (0x0116, None),
+     (0x0001, None), (0x0213, Transient), (0x0212, Permanent)],
 )
 def test_status_classification(status: int, expected: type[Exception] | None) -> None:
     error = classify(status, DEST)
