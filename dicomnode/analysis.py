@@ -8,8 +8,12 @@ durably and records them, their deliveries and the job's end in one transaction.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
+import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +25,7 @@ from pydicom.dataset import Dataset
 from dicomnode.assembly import close_epoch_if_done
 from dicomnode.audit import Audit
 from dicomnode.config import AnalysisSettings
-from dicomnode.domain import AnalyzerKind, Findings, FindingsStatus, JobKind, ResultObject
+from dicomnode.domain import AnalyzerKind, Findings, FindingsStatus, JobKind, ResultObject, Volume
 from dicomnode.errors import AnalyzerUnavailable, Permanent, Transient
 from dicomnode.jobs import JobQueue
 from dicomnode.ledger import JobRow, Ledger
@@ -53,6 +57,7 @@ class AnalyzerOutcome:
     error: str
     duration_s: float
     findings: list[dict[str, Any]] = field(default_factory=list)
+    build_s: float = 0.0  # encoding the findings as SR (and SEG)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class AnalysisOutcome:
     volume_problems: tuple[str, ...]
     load_s: float
     instances: int
+    worker_s: float = 0.0  # the whole of run_analysis, in the worker
 
 
 _registry: Registry | None = None
@@ -77,6 +83,27 @@ def worker_registry(settings: AnalysisSettings) -> Registry:
     return _registry
 
 
+def warm_up(settings: AnalysisSettings) -> None:
+    """Run in each new worker process before its first job: import what analysis uses and load
+    every available analyzer once (models included), so the first series after start-up is not
+    slower than the next ones. Errors are left for the jobs to report."""
+    import highdicom  # noqa: F401 - imported for its start-up cost
+
+    from dicomnode import imaging, results  # noqa: F401
+
+    registry = worker_registry(settings)
+    for spec in registry.specs():
+        if spec.unavailable:
+            continue
+        try:
+            analyzer = registry.get(spec.name)
+        except Exception:  # reported by the first job that uses it
+            continue
+        warm = getattr(analyzer, "warm_up", None)
+        if callable(warm):
+            warm()
+
+
 def _failed(name: str, version: str, kind: AnalyzerKind, error: str) -> Findings:
     return Findings(analyzer=name, version=version, kind=kind, status=FindingsStatus.FAILED, error=error)
 
@@ -86,9 +113,68 @@ def _headers_only(paths: tuple[str, ...]) -> list[Dataset]:
     return sorted(headers, key=lambda d: int(d.get("InstanceNumber") or 0))
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _analyze(registry: Registry, name: str, volume: Volume | None, load_error: str) -> tuple[Findings, float]:
+    """One analyzer on the volume; every failure becomes FAILED findings. Returns its wall time."""
+    t0 = time.perf_counter()
+    try:
+        spec = registry.spec(name)
+        version, kind = spec.version, spec.kind
+    except AnalyzerUnavailable as exc:
+        findings = _failed(name, "unknown", AnalyzerKind.QC, exc.reason)
+    else:
+        if volume is None:
+            findings = _failed(name, version, kind, load_error)
+        else:
+            try:
+                findings = registry.get(name).analyze(volume)
+            except AnalyzerUnavailable as exc:
+                findings = _failed(name, version, kind, exc.reason)
+            except Exception as exc:
+                LOG.exception("analyzer %s raised", name)
+                findings = _failed(name, version, kind, f"analyzer error: {type(exc).__name__}: {exc}")
+    duration = time.perf_counter() - t0
+    return replace(findings, duration_s=findings.duration_s or duration), duration
+
+
+def _preload(registry: Registry, names: tuple[str, ...]) -> None:
+    """Load the job's analyzers up front (once per worker process); failures are reported by
+    :func:`_analyze` when it runs them."""
+    for name in names:
+        try:
+            registry.get(name)
+        except Exception:  # _analyze turns it into FAILED findings when it runs the analyzer
+            continue
+
+
+def _share_cores(parallel: int) -> None:
+    """Give a torch model running beside other analyzers the cores they leave free: with one
+    intra-op thread per core the OpenMP threads of the model wait at barriers for peers that the
+    other analyzers preempted, which made inference several times slower on 2 cores."""
+    if "torch" not in sys.modules:
+        return  # no model loaded in this process: nothing to tell
+    from dicomnode.models import torch_runtime
+
+    torch_runtime.set_cpu_threads(None if parallel <= 1 else max(1, cpu_count() - (parallel - 1)))
+
+
 def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
     """Worker entry point. Bad input becomes FAILED findings (and an SR that says so), never a
-    crash; one failing analyzer does not stop the others."""
+    crash; one failing analyzer does not stop the others.
+
+    The volume is loaded once and shared by every analyzer. With more than one analyzer and more
+    than one CPU the analyzers run in threads side by side (numpy, scipy and torch release the GIL
+    in their heavy parts), and each analyzer's SR/SEG is encoded in this thread as soon as it is
+    done, overlapping the analyzers still running. The result objects keep the order of
+    ``task.analyzers``, so a job gives the same bytes however its threads were scheduled.
+    """
     from dicomnode import imaging, results
 
     registry = worker_registry(task.settings)
@@ -105,49 +191,49 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
     headers = list(volume.headers) if volume is not None else _headers_only(task.paths)
     created = datetime.fromtimestamp(task.created)
 
-    out: list[ResultObject] = []
-    outcomes: list[AnalyzerOutcome] = []
-    for name in task.analyzers:
-        t0 = time.perf_counter()
-        try:
-            spec = registry.spec(name)
-            version, kind = spec.version, spec.kind
-        except AnalyzerUnavailable as exc:
-            version, kind = "unknown", AnalyzerKind.QC
-            findings = _failed(name, version, kind, exc.reason)
-        else:
-            if volume is None:
-                findings = _failed(name, version, kind, load_error)
-            else:
-                try:
-                    findings = registry.get(name).analyze(volume)
-                except AnalyzerUnavailable as exc:
-                    findings = _failed(name, version, kind, exc.reason)
-                except Exception as exc:
-                    LOG.exception("analyzer %s raised", name)
-                    findings = _failed(name, version, kind, f"analyzer error: {type(exc).__name__}: {exc}")
-        duration = time.perf_counter() - t0
-        findings = replace(findings, duration_s=findings.duration_s or duration)
+    names = task.analyzers
+    parallel = min(len(names), cpu_count()) if volume is not None else 1
+    _preload(registry, names)
+    _share_cores(parallel)
+    encoded: dict[int, tuple[list[ResultObject], AnalyzerOutcome]] = {}
+
+    def encode(index: int, findings: Findings, duration: float, sources: results.Sources) -> None:
+        name = names[index]
         previous = tuple(p for p in task.previous if p.analyzer == name)
+        t1 = time.perf_counter()
         try:
-            objects = results.build_results(findings, headers, epoch=task.epoch, previous=previous,
+            objects = results.build_results(findings, sources, epoch=task.epoch, previous=previous,
                                             created=created)
         except ValueError as exc:
             # The findings cannot be encoded (e.g. a mask that does not fit): report the failure.
-            findings = _failed(name, version, kind, f"results could not be encoded: {exc}")
-            objects = results.build_results(findings, headers, epoch=task.epoch, previous=previous,
+            findings = _failed(name, findings.version, findings.kind, f"results could not be encoded: {exc}")
+            objects = results.build_results(findings, sources, epoch=task.epoch, previous=previous,
                                             created=created)
-        out.extend(objects)
-        outcomes.append(AnalyzerOutcome(
+        encoded[index] = (objects, AnalyzerOutcome(
             analyzer=name, version=findings.version, kind=str(findings.kind), status=str(findings.status),
             priority=findings.priority.name.lower() if findings.priority is not None else None,
-            error=findings.error, duration_s=round(duration, 3),
+            error=findings.error, duration_s=round(duration, 3), build_s=round(time.perf_counter() - t1, 3),
             findings=[{"type": f.finding_type.meaning, "present": f.present,
                        "probability": f.probability} for f in findings.findings],
         ))
+
+    if parallel > 1:
+        with cf.ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="analyzer") as pool:
+            futures = {pool.submit(_analyze, registry, name, volume, load_error): i
+                       for i, name in enumerate(names)}
+            sources = results.prepare_sources(headers)  # while the analyzers run
+            for future in cf.as_completed(futures):
+                encode(futures[future], *future.result(), sources)
+    else:
+        sources = results.prepare_sources(headers)
+        for i, name in enumerate(names):
+            encode(i, *_analyze(registry, name, volume, load_error), sources)
+
+    out = [obj for i in range(len(names)) for obj in encoded[i][0]]
+    outcomes = [encoded[i][1] for i in range(len(names))]
     return AnalysisOutcome(tuple(out), tuple(outcomes),
                            tuple(volume.problems) if volume is not None else (load_error,), round(load_s, 3),
-                           len(task.paths))
+                           len(task.paths), round(time.perf_counter() - started, 3))
 
 
 class AnalyzeHandler:
@@ -187,8 +273,13 @@ class AnalyzeHandler:
             created=job.created_at, previous=tuple(previous),
         )
 
-    def run(self, task: AnalysisTask) -> AnalysisOutcome:
-        return run_analysis(task)
+    def worker_warm_up(self) -> tuple[Callable[..., None], tuple[Any, ...]]:
+        """What each new worker process runs before its first job (see ``LocalExecutor``)."""
+        return warm_up, (self.settings,)
+
+    # The process pool pickles what it is given to run: a module-level function travels by name,
+    # whereas a bound method would drag this handler (ledger engine, spool) along and fail.
+    run = staticmethod(run_analysis)
 
     def finish(self, job: JobRow, outcome: AnalysisOutcome) -> None:
         destinations: list[str] = list(job.payload.get("destinations", []))
@@ -221,6 +312,7 @@ class AnalyzeHandler:
                 "analyzers": [o.__dict__ for o in outcome.analyzers],
                 "volume_problems": list(outcome.volume_problems),
                 "load_s": outcome.load_s,
+                "worker_s": outcome.worker_s,
                 "instances": outcome.instances,
                 "results": len(outcome.results),
             }):

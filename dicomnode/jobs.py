@@ -184,6 +184,7 @@ class LocalExecutor:
                 initializer=self._initializer,
                 initargs=self._initargs,
             )
+            self._warm_up(self._processes)
         self._thread = threading.Thread(target=self._loop, name="job-dispatcher", daemon=True)
         self._thread.start()
 
@@ -196,6 +197,19 @@ class LocalExecutor:
         self._cpu_threads.shutdown(wait=True, cancel_futures=True)
         if self._processes is not None:
             self._processes.shutdown(wait=True, cancel_futures=True)
+
+    def _warm_up(self, pool: cf.ProcessPoolExecutor) -> None:
+        """Start the worker processes now and let each CPU-bound handler preload what its jobs
+        need (imports, models), so that the first job after start-up does not pay for it. A
+        handler offers this with ``worker_warm_up() -> (picklable function, args)``; a failure is
+        logged and otherwise ignored: the first job then loads what it needs itself."""
+        for handler in self.handlers.values():
+            offer = getattr(handler, "worker_warm_up", None)
+            if handler.in_process or offer is None:
+                continue
+            function, args = offer()
+            for _ in range(self.workers):
+                pool.submit(function, *args).add_done_callback(_log_warm_up_failure)
 
     def wake(self) -> None:
         self._wake.set()
@@ -271,6 +285,7 @@ class LocalExecutor:
                 self._processes = cf.ProcessPoolExecutor(
                     max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
                     initializer=self._initializer, initargs=self._initargs)
+                self._warm_up(self._processes)
 
     def _done(self, job: JobRow, handler: JobHandler, result: Any, error: BaseException | None) -> None:
         try:
@@ -292,3 +307,11 @@ class LocalExecutor:
             with self._lock:
                 self._in_flight.pop(job.id, None)
             self._wake.set()
+
+
+def _log_warm_up_failure(future: cf.Future[Any]) -> None:
+    if future.cancelled():
+        return
+    error = future.exception()
+    if error is not None:
+        LOG.warning("worker warm-up failed (the first job will load what it needs): %s", error)

@@ -29,6 +29,7 @@ import datetime as dt
 import io
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
@@ -44,8 +45,10 @@ from dicomnode.domain import Code, Finding, Findings, FindingsStatus, Priority, 
 
 __all__ = [
     "NOT_FOR_CLINICAL_USE",
+    "Sources",
     "build_results",
     "device_observer_uid",
+    "prepare_sources",
     "result_uid",
     "sanitized_header",
 ]
@@ -147,6 +150,19 @@ def sanitized_header(header: Dataset) -> Dataset:
     return ds
 
 
+@dataclass(frozen=True)
+class Sources:
+    """Source headers already repaired by :func:`sanitized_header` (see :func:`prepare_sources`)."""
+
+    headers: tuple[Dataset, ...]
+
+
+def prepare_sources(sources: Sequence[Dataset]) -> Sources:
+    """Repair the source headers once, for several :func:`build_results` calls on one series
+    (one per analyzer); the objects built are the same as when each call repairs them itself."""
+    return Sources(tuple(sanitized_header(s) for s in sources))
+
+
 def _repair(ds: Dataset) -> None:
     for elem in ds:
         if elem.VR == "SQ":
@@ -204,7 +220,26 @@ def _is_valid(vr: str, value: Any) -> bool:
     return True
 
 
+_UNCHANGED = object()
+_REPAIRED: dict[tuple[str, type, str], Any] = {}
+_REPAIRED_MAX = 65536
+
+
 def _repair_value(vr: str, value: Any) -> Any:
+    """:func:`_repair_value_uncached`, remembered per (VR, type, text): the headers of one series
+    repeat most values (patient, study, geometry), so each distinct value is checked once."""
+    key = (vr, type(value), str(value))
+    fixed = _REPAIRED.get(key)
+    if fixed is None:
+        repaired = _repair_value_uncached(vr, value)
+        fixed = _UNCHANGED if repaired is value else repaired
+        if len(_REPAIRED) >= _REPAIRED_MAX:
+            _REPAIRED.clear()
+        _REPAIRED[key] = fixed
+    return value if fixed is _UNCHANGED else fixed
+
+
+def _repair_value_uncached(vr: str, value: Any) -> Any:
     if vr == "PN" and not _is_valid(vr, value) or vr == "PN" and "^" not in str(value):
         groups = _CONTROL.sub("", str(value)).split("=")
         return "=".join(_fit_person_name_group(g) for g in groups[:3])
@@ -249,7 +284,7 @@ def _short(text: str, limit: int = 64) -> str:
 
 def build_results(
     findings: Findings,
-    sources: Sequence[Dataset],
+    sources: Sequence[Dataset] | Sources,
     *,
     epoch: int,
     uid_prefix: str | None = None,
@@ -264,8 +299,14 @@ def build_results(
     references the SEG. ``previous`` are the result objects of an earlier epoch of the same series
     and analyzer: their SR is listed in the new SR's Predecessor Documents Sequence.
     ``created`` fixes Content/Series Date and Time (default: now), which makes the bytes
-    reproducible as well as the UIDs.
+    reproducible as well as the UIDs. ``sources`` may come from :func:`prepare_sources`, which
+    saves repairing the same headers again for each analyzer of a series.
     """
+    if isinstance(sources, Sources):
+        headers = list(sources.headers)
+        sources = headers  # repairs never change the UIDs, Rows or Columns checked below
+    else:
+        headers = []
     if not sources:
         raise ValueError("sources: at least one source header is required")
     if epoch < 0:
@@ -285,7 +326,7 @@ def build_results(
     if institution_name is not None:
         institution_name = _short(institution_name)
 
-    headers = [sanitized_header(s) for s in sources]
+    headers = headers or [sanitized_header(s) for s in sources]
     series_uid = str(sources[0].SeriesInstanceUID)
     created = created or dt.datetime.now()
 

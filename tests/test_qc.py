@@ -330,3 +330,24 @@ def test_a_failing_metric_makes_the_result_partial(
     assert "metal: not computed (ZeroDivisionError: boom)" in result.notes
     assert qc.METAL_ARTIFACT not in [f.finding_type for f in result.findings]
     assert _finding(result, qc.IMAGE_NOISE).present is False
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_disk_morphology_equals_scipy(seed: int) -> None:
+    """The fast erosion/dilation/opening/hole filling used by the QC checks are exactly scipy's."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        shape = (int(rng.integers(1, 48)), int(rng.integers(1, 48)))
+        mask = rng.random(shape) < rng.uniform(0.0, 1.0)
+        if rng.random() < 0.5:
+            mask = ndimage.binary_dilation(mask, iterations=2)  # blobs with holes, not only noise
+        for radius in range(0, 7):
+            disk = qc._disk(radius)
+            for border in (False, True):
+                assert np.array_equal(qc._erode(mask, radius, border),
+                                      ndimage.binary_erosion(mask, structure=disk, border_value=border))
+            assert np.array_equal(qc._dilate(mask, radius), ndimage.binary_dilation(mask, structure=disk))
+            assert np.array_equal(qc._open(mask, radius), ndimage.binary_opening(mask, structure=disk))
+        assert np.array_equal(qc._fill_holes(mask), ndimage.binary_fill_holes(mask))

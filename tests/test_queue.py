@@ -165,3 +165,17 @@ def test_cli_lists_jobs_and_series_and_retries(make_node: NodeFactory, tmp_path:
                             "--config", str(config_path)], capture_output=True, text=True)
     assert retry.returncode == 1 and "not failed or dead" in retry.stdout
     run_dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", "DICOMNODE", "127.0.0.1", str(running.port))
+
+
+def test_analysis_runs_in_a_worker_process_with_the_default_executor(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """jobs.workers >= 1 (the default) pickles the task and the handler's ``run`` into a process
+    pool; a handler bound to the ledger cannot travel, so this pins the production path."""
+    running = make_node(jobs={"workers": 1})
+    files = write_series(ct_series(4, seed="worker-process"), tmp_path / "wp")
+    assert store_successes(storescu(running.port, *files)) == 4
+    running.node.run_until_idle(timeout=120)
+    jobs = analyze_jobs(running.node)
+    assert [j.state for j in jobs] == [JobState.SUCCEEDED], [j.last_error for j in jobs]
+    assert running.ledger.results_for_series(pydicom.dcmread(files[0]).SeriesInstanceUID)

@@ -407,7 +407,7 @@ def _touches_fov_edge(body: Mask, padding: Mask) -> bool:
     if not body.any():
         return False
     # The rim next to the padding (outside the reconstruction circle) plus the image border.
-    edge = ndimage.binary_dilation(padding, structure=_disk(2)) & ~padding if padding.any() else np.zeros_like(body)
+    edge = _dilate(padding, 2) & ~padding if padding.any() else np.zeros_like(body)
     edge[[0, -1], :] = True
     edge[:, [0, -1]] = True
     contact = int(np.count_nonzero(body & edge))
@@ -426,6 +426,65 @@ def _largest_component(mask: Mask) -> Mask:
 def _disk(radius: int) -> Mask:
     y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
     return np.asarray(x * x + y * y <= radius * radius)
+
+
+# --- morphology with a disk ------------------------------------------------------------------------
+# Exactly scipy.ndimage's binary_erosion / binary_dilation / binary_opening with ``_disk(radius)``
+# and binary_fill_holes (tests/test_qc.py compares them), but 5-20x faster on 512x512 slices: the
+# disk is a stack of horizontal runs, so erosion is an AND of at most 2r+1 shifted copies of the
+# image eroded by a run, and each run erosion extends the previous one by two shifted ANDs.
+
+
+def _runs(mask: Mask, radius: int, border_value: bool, combine: Any) -> Mask:
+    rows, cols = mask.shape
+    r = radius
+    padded = np.pad(mask, r, constant_values=border_value)
+    run = padded[:, r : r + cols]
+    runs = [run]
+    for w in range(1, r + 1):
+        run = combine(combine(run, padded[:, r - w : r - w + cols]), padded[:, r + w : r + w + cols])
+        runs.append(run)
+    out = runs[r][r : r + rows].copy()  # dy = 0: the widest run
+    for dy in range(1, r + 1):
+        w = math.isqrt(r * r - dy * dy)
+        combine(out, runs[w][r - dy : r - dy + rows], out=out)
+        combine(out, runs[w][r + dy : r + dy + rows], out=out)
+    return out
+
+
+def _erode(mask: Mask, radius: int, border_value: bool = False) -> Mask:
+    """``ndimage.binary_erosion(mask, structure=_disk(radius), border_value=border_value)``."""
+    mask = np.asarray(mask, dtype=bool)
+    if radius <= 0:
+        return mask.copy()
+    return _runs(mask, radius, border_value, np.logical_and)
+
+
+def _dilate(mask: Mask, radius: int) -> Mask:
+    """``ndimage.binary_dilation(mask, structure=_disk(radius))`` (outside the image is False)."""
+    mask = np.asarray(mask, dtype=bool)
+    if radius <= 0:
+        return mask.copy()
+    return _runs(mask, radius, False, np.logical_or)
+
+
+def _open(mask: Mask, radius: int) -> Mask:
+    """``ndimage.binary_opening(mask, structure=_disk(radius))``."""
+    return _dilate(_erode(mask, radius), radius)
+
+
+def _fill_holes(mask: Mask) -> Mask:
+    """``ndimage.binary_fill_holes(mask)``: background not 4-connected to the image border is
+    filled. One labelling of the background instead of scipy's iterated conditional dilation."""
+    mask = np.asarray(mask, dtype=bool)
+    labels, count = ndimage.label(~mask)
+    if count == 0:
+        return mask.copy()
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    outside = np.zeros(count + 1, dtype=bool)
+    outside[border] = True
+    outside[0] = False
+    return np.asarray(mask | ~outside[labels] & (labels > 0))
 
 
 def _slice_coverage(ctx: _Context, penalty: float) -> _Outcome:
@@ -489,9 +548,9 @@ class CtQc(_QcAnalyzer):
         bodies = np.zeros(sample.shape, dtype=bool)
         for i, image in enumerate(sample):
             fg = (image > threshold) & ~padding[i]
-            fg = ndimage.binary_opening(fg, structure=_disk(2))
+            fg = _open(fg, 2)
             if fg.any():
-                bodies[i] = ndimage.binary_fill_holes(_largest_component(fg))
+                bodies[i] = _fill_holes(_largest_component(fg))
         truncated = np.array([_touches_fov_edge(bodies[i], padding[i]) for i in range(len(sample))])
         seg = {
             "sample": sample,
@@ -513,12 +572,12 @@ class CtQc(_QcAnalyzer):
         tissue_values: list[npt.NDArray[np.float32]] = []
         truncated = seg["truncated"]
         for i, image in enumerate(sample):
-            inner = ndimage.binary_erosion(bodies[i], structure=_disk(3))
+            inner = _erode(bodies[i], 3)
             tissue_values.append(image[inner & (image > -300) & (image < 300)])
             if truncated[i]:
                 continue  # air seen there may be lung or bowel gas, not air outside the patient
-            near_body = ndimage.binary_dilation(bodies[i], structure=_disk(5))
-            valid = ndimage.binary_erosion(~padding[i], structure=_disk(3), border_value=1)
+            near_body = _dilate(bodies[i], 5)
+            valid = _erode(~padding[i], 3, border_value=True)
             air = valid & ~near_body & (image <= seg["threshold"])
             air_values.append(image[air])
         air_all = np.concatenate(air_values) if air_values else np.zeros(0, np.float32)
@@ -550,7 +609,7 @@ class CtQc(_QcAnalyzer):
         )
         sigmas = []
         for i in use:
-            inner = ndimage.binary_erosion(bodies[i], structure=_disk(4))
+            inner = _erode(bodies[i], 4)
             sigma = wavelet_noise_sigma(sample[i], inner)
             if math.isfinite(sigma):
                 sigmas.append(sigma)
@@ -653,12 +712,12 @@ class MrQc(_QcAnalyzer):
         threshold = _mr_foreground_threshold(sample)
         fg = np.zeros(sample.shape, dtype=bool)
         for i, image in enumerate(sample):
-            mask = ndimage.binary_opening(image > threshold, structure=_disk(2))
+            mask = _open(image > threshold, 2)
             if mask.any():
-                fg[i] = ndimage.binary_fill_holes(_largest_component(mask))
+                fg[i] = _fill_holes(_largest_component(mask))
         air = np.zeros_like(fg)
         for i in range(len(fg)):
-            air[i] = ~ndimage.binary_dilation(fg[i], structure=_disk(4))
+            air[i] = ~_dilate(fg[i], 4)
             air[i][[0, -1], :] = False
             air[i][:, [0, -1]] = False
         seg = {"sample": sample, "fg": fg, "air": air}
@@ -710,7 +769,7 @@ class MrQc(_QcAnalyzer):
         two foreground classes split by Otsu instead of a GM/WM segmentation."""
         seg = self._segment(ctx)
         sample, fg = seg["sample"], seg["fg"]
-        inner = np.stack([ndimage.binary_erosion(m, structure=_disk(2)) for m in fg])
+        inner = np.stack([_erode(m, 2) for m in fg])
         fg_values = sample[inner]
         if fg_values.size < 200:
             raise _NotComputable("foreground too small")
