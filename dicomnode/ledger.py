@@ -124,7 +124,9 @@ results = sa.Table(
 _SELECT_INSTANCE_EPOCH = sa.select(instances.c.epoch).where(
     instances.c.sop_instance_uid == sa.bindparam("sop")
 )
-_SELECT_SERIES_STATE = sa.select(series.c.epoch, series.c.state).where(
+_SELECT_SERIES_STATE = sa.select(
+    series.c.epoch, series.c.state, series.c.instance_count, series.c.expected_count
+).where(
     series.c.series_instance_uid == sa.bindparam("uid")
 )
 _SERIES_TOUCHED = {
@@ -230,6 +232,7 @@ class RecordOutcome:
     new: bool  # False: the SOP Instance was already in the ledger (duplicate)
     epoch: int
     reopened: bool  # True: this instance reopened an already processed series
+    expected_reached: bool = False  # the series now holds as many instances as its headers announce
 
 
 _MAX_BATCH = 256
@@ -371,6 +374,9 @@ class Ledger:
         if item.temporal_positions and expected:
             expected *= item.temporal_positions
         reopened = False
+        # Mirrors assembly.due_time's expected-count rule, so the node can sweep at once.
+        count = 1 if current is None else current.instance_count + 1
+        announced = expected or (current.expected_count if current is not None else None)
         if current is None:
             epoch = 1
             conn.execute(
@@ -424,7 +430,8 @@ class Ledger:
                 "image_type": item.image_type,
             },
         )
-        return RecordOutcome(new=True, epoch=epoch, reopened=reopened)
+        return RecordOutcome(new=True, epoch=epoch, reopened=reopened,
+                             expected_reached=bool(announced) and count >= (announced or 0))
 
     def association_released(self, association_id: str, at: float | None = None) -> int:
         """Evidence for completeness: the sender ended the association that carried the last

@@ -20,7 +20,7 @@ from dicomnode.audit import Audit
 from dicomnode.config import Config, Peer
 from dicomnode.domain import JobState, SeriesState, StoredInstance
 from dicomnode.jobs import JobQueue, LocalExecutor
-from dicomnode.ledger import Ledger
+from dicomnode.ledger import Ledger, RecordOutcome
 from dicomnode.metrics import Metrics
 from dicomnode.models import build_registry
 from dicomnode.receiver import Receiver, parse_header, routing_fields
@@ -72,6 +72,7 @@ class Node:
             self.spool,
             self.ledger,
             self.audit,
+            on_stored=self._on_stored,
             on_released=lambda _association: self._schedule_sweep(config.assembly.release_grace_s),
         )
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
@@ -138,6 +139,11 @@ class Node:
             self.executor.wake()
         if next_due is not None:
             self._schedule_sweep(max(0.0, next_due - time.time()))
+
+    def _on_stored(self, _item: StoredInstance, outcome: RecordOutcome) -> None:
+        # The headers' expected count is complete evidence: do not wait for the next sweep tick.
+        if outcome.expected_reached:
+            self._schedule_sweep(0.0)
 
     def _schedule_sweep(self, delay: float) -> None:
         if not self.scheduler.running:

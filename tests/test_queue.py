@@ -179,3 +179,31 @@ def test_analysis_runs_in_a_worker_process_with_the_default_executor(
     jobs = analyze_jobs(running.node)
     assert [j.state for j in jobs] == [JobState.SUCCEEDED], [j.last_error for j in jobs]
     assert running.ledger.results_for_series(pydicom.dcmread(files[0]).SeriesInstanceUID)
+
+
+def test_announced_count_completes_a_series_while_its_association_is_still_open(
+    make_node: NodeFactory,
+) -> None:
+    """Images in Acquisition is evidence enough: no quiet period, no release needed."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    running = make_node(assembly={"quiet_period_s": 600, "release_grace_s": 600})
+    series = ct_series(6, seed="announced", images_in_acquisition=True)
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", running.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        for ds in series[:-1]:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        time.sleep(1.5)  # several sweep ticks: five of six announced images complete nothing
+        assert analyze_jobs(running.node) == []
+        assert assoc.send_c_store(series[-1]).Status == 0x0000
+        deadline = time.monotonic() + 10
+        while not analyze_jobs(running.node) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        jobs = analyze_jobs(running.node, series[0].SeriesInstanceUID)
+        assert len(jobs) == 1, "the sixth announced image did not complete the series"
+    finally:
+        assoc.release()
