@@ -204,11 +204,17 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
         try:
             objects = results.build_results(findings, sources, epoch=task.epoch, previous=previous,
                                             created=created)
-        except ValueError as exc:
+        except Exception as exc:
             # The findings cannot be encoded (e.g. a mask that does not fit): report the failure.
+            LOG.exception("results of %s could not be encoded", name)
             findings = _failed(name, findings.version, findings.kind, f"results could not be encoded: {exc}")
-            objects = results.build_results(findings, sources, epoch=task.epoch, previous=previous,
-                                            created=created)
+            try:
+                objects = results.build_results(findings, sources, epoch=task.epoch, previous=previous,
+                                                created=created)
+            except Exception as again:  # headers nothing can be built on: the outcome still says why
+                LOG.exception("the failure report of %s could not be encoded either", name)
+                findings = replace(findings, error=f"{findings.error}; no failure SR either: {again}")
+                objects = []
         encoded[index] = (objects, AnalyzerOutcome(
             analyzer=name, version=findings.version, kind=str(findings.kind), status=str(findings.status),
             priority=findings.priority.name.lower() if findings.priority is not None else None,

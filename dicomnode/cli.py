@@ -391,6 +391,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return exit_code
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    """Print or write the DICOM Conformance Statement (PS3.2 Annex N) generated from the code."""
+    from dicomnode.conformance import render
+
+    text = render(load_config(args.config) if args.config else None)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -464,6 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="node health, queue depth, dead letters")
     p.add_argument("--config")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("conformance", help="print the DICOM Conformance Statement generated from the code")
+    p.add_argument("--config", help="config file whose values to state (default: the built-in defaults)")
+    p.add_argument("-o", "--output", help="write to this file instead of standard output")
+    p.set_defaults(func=cmd_conformance)
     return parser
 
 

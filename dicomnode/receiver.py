@@ -91,7 +91,7 @@ def accepted_transfer_syntaxes() -> list[str]:
     def rank(uid: UID) -> int:
         if uid == ExplicitVRLittleEndian:
             return 0
-        if uid.is_compressed and "Lossless" in uid.name:
+        if uid.is_compressed and "Lossless" in uid.name and "Lossy" not in uid.name:  # not Near-Lossless
             return 1
         if uid == DeflatedExplicitVRLittleEndian:
             return 2

@@ -34,9 +34,11 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+from highdicom.valuerep import _check_specific_character_set
 from pydicom import config
 from pydicom.datadict import dictionary_VM
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, DT, MAX_VALUE_LEN, TM, DSfloat, validate_value
@@ -45,6 +47,7 @@ from dicomnode.domain import Code, Finding, Findings, FindingsStatus, Priority, 
 
 __all__ = [
     "NOT_FOR_CLINICAL_USE",
+    "ResultsError",
     "Sources",
     "build_results",
     "device_observer_uid",
@@ -143,11 +146,76 @@ def sanitized_header(header: Dataset) -> Dataset:
     UIDs are never altered: a changed UID would point at a different object.
     """
     ds = copy.deepcopy(header)
-    _repair(ds)
+    _repair(ds)  # also decodes every text value with the source's Specific Character Set
     for keyword in _TYPE_2_COPIED:
         if keyword not in ds:
             setattr(ds, keyword, "")  # highdicom reads these; absent is as good as empty (Type 2)
+    _choose_character_set(ds)
     return ds
+
+
+UTF8 = "ISO_IR 192"
+
+
+def _choose_character_set(ds: Dataset) -> None:
+    """Give ``ds`` a Specific Character Set (0008,0005) that highdicom and pydicom both write.
+
+    highdicom copies the source's Specific Character Set into the SR and SEG and refuses values
+    PS3.3 C.12.1.1.2 allows or that scanners send anyway: an empty first value with ISO 2022 code
+    extensions (``\\ISO 2022 IR 87``, ``\\ISO 2022 IR 149``, ``\\ISO 2022 IR 58``), a single
+    ISO 2022 value (``ISO 2022 IR 100``), an empty value. pydicom has already decoded every text
+    value of ``ds`` (:func:`_repair` read them all), so such a source is re-declared as UTF-8
+    (``ISO_IR 192``), which holds every character of every DICOM character set, and the copied
+    values are written in UTF-8: the same names, other bytes. A source without the attribute
+    (default repertoire) that nevertheless holds non-ASCII text is declared UTF-8 too, because
+    the default repertoire cannot write it. A character set highdicom accepts is kept as is.
+    """
+    if "SpecificCharacterSet" not in ds:
+        if _has_non_ascii(ds):
+            ds.SpecificCharacterSet = UTF8
+        return
+    value = ds.SpecificCharacterSet
+    values = [str(v) for v in value] if isinstance(value, (list, tuple, MultiValue)) else [value]
+    if values == [None]:
+        values = []
+    try:
+        if any(v is None or not str(v).strip() for v in values) or not values:
+            raise ValueError("empty value")
+        _check_specific_character_set(values if len(values) > 1 else values[0])
+    except ValueError:
+        ds.SpecificCharacterSet = UTF8
+        _drop_escapes(ds)
+
+
+# An ISO 2022 escape sequence (ESC, intermediate bytes, final byte; ISO/IEC 2022 13.2).
+_ESCAPE = re.compile(r"\x1b[\x20-\x2f]+[\x30-\x7e]")
+
+
+def _drop_escapes(ds: Dataset) -> None:
+    """Remove the ISO 2022 escape sequences pydicom leaves in text it decoded without knowing them
+    (``ISO 2022 IR 58`` designates GB 2312 with ``ESC $ ) A``, which pydicom decodes but keeps):
+    in UTF-8 they are meaningless control characters."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _drop_escapes(item)
+        elif elem.VR in _TEXT_VRS and elem.value not in (None, ""):
+            values = list(elem.value) if elem.VM > 1 else [elem.value]
+            if any("\x1b" in str(v) for v in values):
+                fixed = [_ESCAPE.sub("", str(v)).replace("\x1b", "") for v in values]
+                elem.value = fixed if len(fixed) > 1 else fixed[0]
+
+
+def _has_non_ascii(ds: Dataset) -> bool:
+    for elem in ds:
+        if elem.VR == "SQ":
+            if any(_has_non_ascii(item) for item in elem.value):
+                return True
+        elif elem.VR in _TEXT_VRS and elem.value not in (None, ""):
+            values = list(elem.value) if elem.VM > 1 else [elem.value]
+            if any(not str(v).isascii() for v in values):
+                return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -301,6 +369,10 @@ def build_results(
     ``created`` fixes Content/Series Date and Time (default: now), which makes the bytes
     reproducible as well as the UIDs. ``sources`` may come from :func:`prepare_sources`, which
     saves repairing the same headers again for each analyzer of a series.
+
+    Raises ValueError naming the culprit for findings or sources that cannot be encoded, and
+    :class:`ResultsError` (a ValueError) naming the analyzer and series when building or writing
+    the objects fails in any other way, so that a caller catching ValueError never sees a crash.
     """
     if isinstance(sources, Sources):
         headers = list(sources.headers)
@@ -326,26 +398,37 @@ def build_results(
     if institution_name is not None:
         institution_name = _short(institution_name)
 
-    headers = headers or [sanitized_header(s) for s in sources]
-    series_uid = str(sources[0].SeriesInstanceUID)
-    created = created or dt.datetime.now()
+    try:
+        headers = headers or [sanitized_header(s) for s in sources]
+        series_uid = str(sources[0].SeriesInstanceUID)
+        created = created or dt.datetime.now()
 
-    def uid(kind: str, part: str) -> str:
-        return result_uid(
-            series_uid, epoch, findings.analyzer, findings.version, kind, part, prefix=uid_prefix
+        def uid(kind: str, part: str) -> str:
+            return result_uid(
+                series_uid, epoch, findings.analyzer, findings.version, kind, part, prefix=uid_prefix
+            )
+
+        description = _series_description(findings)
+        out: list[ResultObject] = []
+        seg: hd.seg.Segmentation | None = None
+        if any(f.mask is not None for f in findings.findings):
+            seg = _build_seg(findings, headers, uid, description, manufacturer, institution_name, created)
+            out.append(_result(findings, "seg", seg))
+        sr = _build_sr(
+            findings, headers, uid, seg, previous, description, manufacturer, institution_name, created
         )
-
-    description = _series_description(findings)
-    out: list[ResultObject] = []
-    seg: hd.seg.Segmentation | None = None
-    if any(f.mask is not None for f in findings.findings):
-        seg = _build_seg(findings, headers, uid, description, manufacturer, institution_name, created)
-        out.append(_result(findings, "seg", seg))
-    sr = _build_sr(
-        findings, headers, uid, seg, previous, description, manufacturer, institution_name, created
-    )
-    out.append(_result(findings, "sr", sr))
+        out.append(_result(findings, "sr", sr))
+    except Exception as exc:  # a source header highdicom cannot use, a library bug: say which
+        raise ResultsError(
+            f"cannot encode {findings.analyzer} {findings.version} results for series "
+            f"{sources[0].SeriesInstanceUID}: {type(exc).__name__}: {exc}"
+        ) from exc
     return out
+
+
+class ResultsError(ValueError):
+    """The findings passed the checks but the objects could not be built or written (raised by
+    :func:`build_results` for any exception highdicom or pydicom raise while doing so)."""
 
 
 def _check_finding(i: int, finding: Finding, sources: Sequence[Dataset]) -> None:
@@ -354,7 +437,7 @@ def _check_finding(i: int, finding: Finding, sources: Sequence[Dataset]) -> None
     if not finding.tracking_id.strip():
         raise ValueError(f"findings[{i}].tracking_id: must not be empty")
     if finding.mask is not None:
-        expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
+        expected = (len(sources), int(sources[0].get("Rows") or 0), int(sources[0].get("Columns") or 0))
         if tuple(finding.mask.array.shape) != expected:
             raise ValueError(
                 f"findings[{i}].mask: shape {tuple(finding.mask.array.shape)} does not match the "
@@ -502,6 +585,13 @@ def _build_seg(
         coding_schemes=_coding_schemes(findings) or None,
         **_dates(created),
     )
+    if "FrameOfReferenceUID" not in seg:
+        # General Image (PS3.3 C.7.6.1): Patient Orientation is Type 2C, required when the image
+        # has no Image Orientation/Position (Patient), as a SEG of a projection image has not.
+        # The frames lie on the source pixels, so the source's orientation holds; unknown (the
+        # source has none) is written empty, as Type 2 allows.
+        orientation = [_value(headers[0], "PatientOrientation", i, numeric=False) for i in (0, 1)]
+        seg.PatientOrientation = orientation if None not in orientation else ""
     _pin(seg, created, uid("seg", "dimension-organization"))
     return seg
 
@@ -577,14 +667,15 @@ def _build_sr(
         ],
     )
     root = report[0]
-    root.ContentSequence.insert(_after_procedure(root), _image_library(headers))
+    library, library_notes = _image_library(headers)
+    root.ContentSequence.insert(_after_procedure(root), library)
     if not groups:
         root.ContentSequence = [
             item
             for item in root.ContentSequence
             if item.ConceptNameCodeSequence[0].CodeValue != codes.DCM.ImagingMeasurements.value
         ]
-    evaluations = _document_evaluations(findings)
+    evaluations = _document_evaluations(findings, library_notes)
     if evaluations:
         container = hd.sr.ContainerContentItem(
             name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
@@ -619,7 +710,7 @@ def _build_sr(
     return sr
 
 
-def _image_library(headers: list[Dataset]) -> Dataset:
+def _image_library(headers: list[Dataset]) -> tuple[Dataset, list[str]]:
     """TID 1600 Image Library: one group for the series, descriptors shared at group level.
 
     TID 1601 allows the TID 1602 descriptors either per entry or once for the group; the source is
@@ -627,18 +718,27 @@ def _image_library(headers: list[Dataset]) -> Dataset:
     (from the first image) and each entry is a bare IMAGE reference. highdicom's per-entry form
     writes ~16 items per slice and made a 200-slice SR about ten times slower to build and write.
     Image Position (Patient), which differs per slice, is therefore not repeated here.
+
+    Returns the library and one note per descriptor left out because the source lacks the
+    attribute it comes from (see :func:`_modality_descriptors`).
     """
-    library = hd.sr.ImageLibrary([headers[0]])[0]
+    first = headers[0]
+    # highdicom writes the TID 1602 rows every image has (modality from the SOP Class, frame of
+    # reference, rows, columns). Its TID 1603/1604 rows read attributes a source may lack or leave
+    # empty (Patient Orientation is Type 2C, Slice Thickness Type 2), so they are built here from
+    # what is present, and highdicom gets a copy that asks for none of them.
+    common = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID"):
+        if keyword in first:
+            setattr(common, keyword, first[keyword].value)
+    common.Modality = ""  # neither cross-sectional nor projection to highdicom
+    library = hd.sr.ImageLibrary([common])[0]
     group = library.ContentSequence[0]
-    first = next(item for item in group.ContentSequence if item.ValueType == "IMAGE")
-    shared = [
-        d
-        for d in first.ContentSequence
-        if not d.ConceptNameCodeSequence[0].CodeMeaning.startswith("Image Position (Patient)")
-    ]
+    image = next(item for item in group.ContentSequence if item.ValueType == "IMAGE")
+    specific, notes = _modality_descriptors(first)
     entries = [
         hd.sr.ImageContentItem(
-            name=first.ConceptNameCodeSequence[0],
+            name=image.ConceptNameCodeSequence[0],
             referenced_sop_class_uid=h.SOPClassUID,
             referenced_sop_instance_uid=h.SOPInstanceUID,
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
@@ -647,10 +747,107 @@ def _image_library(headers: list[Dataset]) -> Dataset:
     ]
     group.ContentSequence = [
         *[item for item in group.ContentSequence if item.ValueType != "IMAGE"],
-        *shared,
+        *image.ContentSequence,
+        *specific,
         *entries,
     ]
-    return library
+    return library, notes
+
+
+# Modalities highdicom describes with TID 1604 (cross-sectional) and TID 1603 (projection).
+_CROSS_SECTIONAL = {"CT", "MR", "PT"}
+_PROJECTION = {"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"}
+_MM = codes.UCUM.Millimeter
+_DIRECTION = hd.sr.CodedConcept("{-1:1}", "UCUM", "{-1:1}")
+
+
+def _modality_descriptors(ds: Dataset) -> tuple[list[hd.sr.ContentItem], list[str]]:
+    """TID 1603 / TID 1604 rows of the first source image, in highdicom's order and form.
+
+    Each row is written only when the attribute it comes from holds a value: a projection image
+    without Patient Orientation (0020,0020), or a slice without Slice Thickness, loses that row
+    and nothing else, and a note says so. For projection images the spacing is Imager Pixel
+    Spacing (0018,1164) or, when a CR/DX source has none, Pixel Spacing (0028,0030), which such
+    sources use for the same detector spacing (older CR); with neither the spacing rows are
+    omitted. Image Position (Patient) differs per slice and is not written (see
+    :func:`_image_library`).
+    """
+    acq = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+    modality = str(ds.get("Modality", "") or "").upper()
+    items: list[hd.sr.ContentItem] = []
+    missing: list[str] = []
+
+    def number(name: Any, keyword: str, index: int, unit: Any) -> None:
+        value = _value(ds, keyword, index)
+        if value is None:
+            missing.append(f"{_ATTRIBUTE_NAMES[keyword]} -> {name.meaning}")
+            return
+        items.append(hd.sr.NumContentItem(name=name, value=value, relationship_type=acq, unit=unit))
+
+    if modality in _CROSS_SECTIONAL:
+        number(codes.DCM.HorizontalPixelSpacing, "PixelSpacing", 1, _MM)
+        number(codes.DCM.VerticalPixelSpacing, "PixelSpacing", 0, _MM)
+        number(codes.DCM.SliceThickness, "SliceThickness", 0, _MM)
+        for i, name in enumerate(
+            (
+                codes.DCM.ImageOrientationPatientRowX,
+                codes.DCM.ImageOrientationPatientRowY,
+                codes.DCM.ImageOrientationPatientRowZ,
+                codes.DCM.ImageOrientationPatientColumnX,
+                codes.DCM.ImageOrientationPatientColumnY,
+                codes.DCM.ImageOrientationPatientColumnZ,
+            )
+        ):
+            number(name, "ImageOrientationPatient", i, _DIRECTION)
+        if _value(ds, "SpacingBetweenSlices", 0) is not None:  # optional in the image too
+            number(codes.DCM.SpacingBetweenSlices, "SpacingBetweenSlices", 0, _MM)
+    elif modality in _PROJECTION:
+        for i, name in enumerate((codes.DCM.PatientOrientationRow, codes.DCM.PatientOrientationColumn)):
+            text = _value(ds, "PatientOrientation", i, numeric=False)
+            if text is None:
+                missing.append(f"{_ATTRIBUTE_NAMES['PatientOrientation']} -> {name.meaning}")
+            else:
+                items.append(hd.sr.TextContentItem(name=name, value=text, relationship_type=acq))
+        spacing = "ImagerPixelSpacing"
+        if _value(ds, spacing, 1) is None and _value(ds, "PixelSpacing", 1) is not None:
+            spacing = "PixelSpacing"
+        number(codes.DCM.HorizontalPixelSpacing, spacing, 1, _MM)
+        number(codes.DCM.VerticalPixelSpacing, spacing, 0, _MM)
+    notes = [
+        f"Image Library: the source image has no value for {m}; that descriptor is omitted."
+        for m in missing
+    ]
+    return items, notes
+
+
+_ATTRIBUTE_NAMES = {
+    "PixelSpacing": "Pixel Spacing (0028,0030)",
+    "ImagerPixelSpacing": "Imager Pixel Spacing (0018,1164)",
+    "SliceThickness": "Slice Thickness (0018,0050)",
+    "ImageOrientationPatient": "Image Orientation (Patient) (0020,0037)",
+    "SpacingBetweenSlices": "Spacing Between Slices (0018,0088)",
+    "PatientOrientation": "Patient Orientation (0020,0020)",
+}
+
+
+def _value(ds: Dataset, keyword: str, index: int, *, numeric: bool = True) -> Any:
+    """Value ``index`` of ``keyword`` in ``ds``, or None when absent, empty or (``numeric``) not a
+    finite number. Returned as stored (a DSfloat keeps its text), so the descriptor writes the
+    source's own digits."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    if index >= len(values) or values[index] is None or str(values[index]).strip() == "":
+        return None
+    item = values[index]
+    if numeric:
+        try:
+            if not np.isfinite(float(item)):
+                return None
+        except (TypeError, ValueError):
+            return None
+    return item
 
 
 def _after_procedure(root: Dataset) -> int:
@@ -678,8 +875,10 @@ def _evaluations(finding: Finding) -> list[hd.sr.QualitativeEvaluation]:
     return out
 
 
-def _document_evaluations(findings: Findings) -> list[hd.sr.ContentItem]:
-    """TID 1500 rows 13-14: the triage priority (CODE) and free-text comments (TEXT)."""
+def _document_evaluations(findings: Findings, notes: Sequence[str] = ()) -> list[hd.sr.ContentItem]:
+    """TID 1500 rows 13-14: the triage priority (CODE) and free-text comments (TEXT).
+
+    ``notes`` say what the SR could not record about the source (after the analyzer's notes)."""
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     items: list[hd.sr.ContentItem] = []
     if findings.priority is not None:
@@ -696,6 +895,7 @@ def _document_evaluations(findings: Findings) -> list[hd.sr.ContentItem]:
     elif findings.status is FindingsStatus.PARTIAL:
         texts.append("Analysis partial" + (f": {findings.error}" if findings.error else "."))
     texts.extend(findings.notes)
+    texts.extend(notes)
     for text in texts:
         items.append(
             hd.sr.TextContentItem(name=_COMMENT, value=_CONTROL.sub("", text), relationship_type=contains)

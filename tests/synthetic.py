@@ -223,3 +223,24 @@ def _copy(ds: Dataset) -> Dataset:
 
 def today() -> str:
     return _dt.date.today().strftime("%Y%m%d")
+
+
+def encoded(ds: Dataset, character_set: str | list[str] | None, **text: str) -> Dataset:
+    """``ds`` with ``text`` (keyword -> decoded value) written in ``character_set`` (None: the
+    attribute absent) and read back, so its text elements hold the encoded bytes a scanner sends
+    and pydicom decodes them as it would a received file."""
+    import io
+
+    from pydicom import dcmread
+
+    ds = _copy(ds)
+    if character_set is None:
+        if "SpecificCharacterSet" in ds:
+            del ds.SpecificCharacterSet
+    else:
+        ds.SpecificCharacterSet = character_set
+    for keyword, value in text.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return dcmread(io.BytesIO(buffer.getvalue()))

@@ -22,6 +22,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLSNearLossless,
     MRImageStorage,
     RLELossless,
 )
@@ -175,6 +176,7 @@ def test_transfer_syntax_preference_never_asks_for_lossy(running_node: RunningNo
         (JPEGBaseline8Bit, JPEG2000Lossless, ImplicitVRLittleEndian): JPEG2000Lossless,
         (JPEGBaseline8Bit, ImplicitVRLittleEndian): ImplicitVRLittleEndian,
         (JPEGBaseline8Bit,): JPEGBaseline8Bit,
+        (JPEGLSNearLossless, RLELossless): RLELossless,
     }
     ae = AE(ae_title="PYNETDICOM")
     for offer in offers:

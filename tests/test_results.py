@@ -19,10 +19,14 @@ import numpy as np
 import pydicom
 import pytest
 from dciodvfy import IGNORED_WARNINGS, dciodvfy
+from pydicom.charset import convert_encodings
+from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset
 from pydicom.uid import SegmentationStorage
-from synthetic import ct_series
+from pydicom.valuerep import PersonName
+from synthetic import cr_image, ct_series, encoded
 
+from dicomnode import results as results_module
 from dicomnode.domain import (
     AnalyzerKind,
     Code,
@@ -37,6 +41,7 @@ from dicomnode.domain import (
 )
 from dicomnode.results import (
     NOT_FOR_CLINICAL_USE,
+    ResultsError,
     build_results,
     device_observer_uid,
     result_uid,
@@ -110,7 +115,10 @@ def _assert_valid(result: ResultObject) -> None:
             path.write_bytes(result.data)
             exe = shutil.which("dsrdump")
             assert exe is not None, "DCMTK dsrdump is required"
-            proc = subprocess.run([exe, str(path)], capture_output=True, text=True, check=False)
+            # dsrdump prints names in the object's own character set (ISO 2022, GB18030...)
+            proc = subprocess.run(
+                [exe, str(path)], capture_output=True, text=True, errors="replace", check=False
+            )
         assert proc.returncode == 0, proc.stderr
         assert "Imaging Measurement Report" in proc.stdout
 
@@ -445,3 +453,201 @@ def test_several_masks_become_numbered_segments_with_empty_frames_omitted(source
     ]
     [plain] = sr.content.get_image_measurement_groups()
     assert plain.get_qualitative_evaluations() == []  # presence None: not applicable, nothing claimed
+
+
+# --- projection sources with missing descriptors, unexpected failures, character sets -----------
+
+
+def _cr(**changes: object) -> Dataset:
+    """A CR header (no pixels) with Patient Orientation; ``changes`` None deletes an attribute."""
+    ds = cr_image(64, 64, seed="results-cr")
+    del ds.PixelData
+    ds.PatientOrientation = ["P", "F"]
+    for keyword, value in changes.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return ds
+
+
+def _cr_positive(source: Dataset) -> Findings:
+    array = np.zeros((1, 64, 64), dtype=bool)
+    array[0, 20:30, 24:36] = True
+    finding = Finding(
+        HEMORRHAGE, "opacity-1", present=True, probability=0.8, mask=Mask(array, "Opacity", MORPH, HEMORRHAGE)
+    )
+    return Findings("demo-cr", "1.0.0", AnalyzerKind.TRIAGE, FindingsStatus.COMPLETE, findings=(finding,))
+
+
+def _failed() -> Findings:
+    return Findings(
+        "demo-cr", "1.0.0", AnalyzerKind.TRIAGE, FindingsStatus.FAILED, error="results could not be encoded"
+    )
+
+
+def _library_descriptors(sr: Dataset) -> dict[str, object]:
+    """Concept meaning -> value of the Image Library Group's descriptors (TID 1602-1604)."""
+    [library] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    group = library.ContentSequence[0]
+    out: dict[str, object] = {}
+    for item in group.ContentSequence:
+        meaning = item.ConceptNameCodeSequence[0].CodeMeaning
+        if item.ValueType == "NUM":
+            out[meaning] = float(item.MeasuredValueSequence[0].NumericValue)
+        elif item.ValueType == "TEXT":
+            out[meaning] = item.TextValue
+        elif item.ValueType == "CODE":
+            out[meaning] = item.ConceptCodeSequence[0].CodeValue
+    return out
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected", "lost"),
+    [
+        (
+            {},
+            {"Patient Orientation Row": "P", "Patient Orientation Column": "F",
+             "Horizontal Pixel Spacing": 0.2, "Vertical Pixel Spacing": 0.2},
+            [],
+        ),
+        (
+            {"PatientOrientation": None},
+            {"Horizontal Pixel Spacing": 0.2, "Vertical Pixel Spacing": 0.2},
+            ["Patient Orientation (0020,0020) -> Patient Orientation Row",
+             "Patient Orientation (0020,0020) -> Patient Orientation Column"],
+        ),
+        (
+            {"PatientOrientation": ""},  # Type 2C: present but empty
+            {"Horizontal Pixel Spacing": 0.2, "Vertical Pixel Spacing": 0.2},
+            ["Patient Orientation (0020,0020) -> Patient Orientation Row",
+             "Patient Orientation (0020,0020) -> Patient Orientation Column"],
+        ),
+        (
+            {"ImagerPixelSpacing": None},
+            {"Patient Orientation Row": "P", "Patient Orientation Column": "F"},
+            ["Imager Pixel Spacing (0018,1164) -> Horizontal Pixel Spacing",
+             "Imager Pixel Spacing (0018,1164) -> Vertical Pixel Spacing"],
+        ),
+        (
+            {"ImagerPixelSpacing": None, "PixelSpacing": [0.15, 0.1]},  # older CR: Pixel Spacing only
+            {"Patient Orientation Row": "P", "Patient Orientation Column": "F",
+             "Horizontal Pixel Spacing": 0.1, "Vertical Pixel Spacing": 0.15},
+            [],
+        ),
+        (
+            {"PatientOrientation": None, "ImagerPixelSpacing": None},
+            {},
+            ["Patient Orientation (0020,0020) -> Patient Orientation Row",
+             "Patient Orientation (0020,0020) -> Patient Orientation Column",
+             "Imager Pixel Spacing (0018,1164) -> Horizontal Pixel Spacing",
+             "Imager Pixel Spacing (0018,1164) -> Vertical Pixel Spacing"],
+        ),
+    ],
+    ids=["complete", "no-orientation", "empty-orientation", "no-spacing", "pixel-spacing", "neither"],
+)
+def test_projection_source_without_orientation_or_spacing_still_gives_seg_and_sr(
+    changes: dict[str, object], expected: dict[str, object], lost: list[str]
+) -> None:
+    source = _cr(**changes)
+    for findings in (_cr_positive(source), _failed()):
+        results = build_results(findings, [source], epoch=0, created=CREATED)
+        assert [r.kind for r in results] == (["seg", "sr"] if findings.findings else ["sr"])
+        for r in results:
+            _assert_valid(r)
+        sr = hd.sr.srread(io.BytesIO(results[-1].data))
+        descriptors = _library_descriptors(sr)
+        assert descriptors.pop("Modality") == source.Modality
+        assert (descriptors.pop("Pixel Data Rows"), descriptors.pop("Pixel Data Columns")) == (64.0, 64.0)
+        assert descriptors == expected
+        notes = [i.TextValue for i in _document_evaluations(sr) if i.ValueType == "TEXT"]
+        assert [n for n in notes if n.startswith("Image Library:")] == [
+            f"Image Library: the source image has no value for {m}; that descriptor is omitted."
+            for m in lost
+        ]
+        if findings.findings:
+            # pydicom, not hd.seg.segread: highdicom 0.28 refuses to read a Pixel Measures item
+            # without Slice Thickness, which its own writer emits for a projection image with
+            # Pixel Spacing (valid: dciodvfy accepts it above).
+            seg = _read(results[0])
+            assert seg.SegmentSequence[0].TrackingID == "opacity-1"
+            assert seg.PatientName == source.PatientName
+            # General Image: Type 2C without a frame of reference; the source's, or empty
+            assert seg.PatientOrientation == (["P", "F"] if "Patient Orientation Row" in expected else "")
+
+
+def test_unexpected_failure_while_building_is_a_results_error_naming_analyzer_and_series(
+    sources: list[Dataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise AttributeError("'Dataset' object has no attribute 'Something'")
+
+    monkeypatch.setattr(results_module, "_build_sr", broken)
+    with pytest.raises(ResultsError) as caught:
+        build_results(_positive(sources), sources, epoch=1, created=CREATED)
+    assert isinstance(caught.value, ValueError)  # what analysis.run_analysis catches
+    message = str(caught.value)
+    assert "demo-hyperdense 1.0.0" in message and str(sources[0].SeriesInstanceUID) in message
+    assert "AttributeError: 'Dataset' object has no attribute 'Something'" in message
+    assert isinstance(caught.value.__cause__, AttributeError)
+
+
+def _charset_file(name: str) -> Dataset:
+    [path] = get_charset_files(name)
+    return pydicom.dcmread(path)
+
+
+def _gb2312_person_name() -> PersonName:
+    # PS3.5 K.2: ISO 2022 IR 58 is designated to G1 by ESC $ ) A before the GB 2312 bytes. pydicom
+    # writes this charset without the escape, so the value is given as received.
+    raw = b"Wang^XiaoDong=" + b"\x1b$)A" + "王^小东".encode("gb2312")
+    return PersonName(raw, convert_encodings(["", "ISO 2022 IR 58"]))
+
+
+@pytest.mark.parametrize(
+    ("character_set", "name", "written_as"),
+    [
+        # unsupported by highdicom: re-declared as UTF-8
+        (["", "ISO 2022 IR 87"], "chrH31.dcm", "ISO_IR 192"),
+        (["", "ISO 2022 IR 87"], "chrJapMulti.dcm", "ISO_IR 192"),
+        (["", "ISO 2022 IR 149"], "chrI2.dcm", "ISO_IR 192"),
+        (["", "ISO 2022 IR 58"], "gb2312", "ISO_IR 192"),
+        ("ISO 2022 IR 100", "Buc^Jérôme", "ISO_IR 192"),
+        ("", "Doe^John", "ISO_IR 192"),
+        (None, "Doe^Jöhn", "ISO_IR 192"),  # non-ASCII without a character set: declared UTF-8
+        # supported: kept
+        (None, "Doe^John", None),
+        (["ISO 2022 IR 13", "ISO 2022 IR 87"], "chrH32.dcm", ["ISO 2022 IR 13", "ISO 2022 IR 87"]),
+        (["ISO 2022 IR 6", "ISO 2022 IR 87"], "chrJapMultiExplicitIR6.dcm", ["ISO 2022 IR 6", "ISO 2022 IR 87"]),
+        ("ISO_IR 100", "chrFren.dcm", "ISO_IR 100"),
+        ("ISO_IR 144", "chrRuss.dcm", "ISO_IR 144"),
+        ("ISO_IR 192", "chrX1.dcm", "ISO_IR 192"),
+        ("GB18030", "chrX2.dcm", "GB18030"),
+    ],
+)
+def test_source_character_sets_give_valid_objects_with_the_same_names(
+    character_set: str | list[str] | None, name: str, written_as: str | list[str] | None
+) -> None:
+    if name.endswith(".dcm"):
+        original = _charset_file(name)
+        assert original.SpecificCharacterSet == character_set
+        patient_name: object = original.PatientName
+        expected = str(original.PatientName)
+    elif name == "gb2312":
+        patient_name, expected = _gb2312_person_name(), "Wang^XiaoDong=王^小东"
+    else:
+        patient_name = expected = name
+    source = encoded(_cr(), character_set, PatientName=patient_name)
+    if name.endswith(".dcm") or name == "gb2312":
+        assert "PatientName" in source and isinstance(source.get_item("PatientName").value, bytes)
+    for findings in (_cr_positive(source), _failed()):
+        results = build_results(findings, [source], epoch=0, created=CREATED)
+        for r in results:
+            _assert_valid(r)
+            ds = _read(r)
+            assert ds.get("SpecificCharacterSet") == written_as
+            # a family-name-only group is written "Family^" (sanitized_header): the same name
+            assert str(ds.PatientName) in (expected, expected + "^")
+            assert ds.PatientID == source.PatientID
+        hd.sr.srread(io.BytesIO(results[-1].data))
