@@ -197,11 +197,21 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
     _share_cores(parallel)
     encoded: dict[int, tuple[list[ResultObject], AnalyzerOutcome]] = {}
 
-    def encode(index: int, findings: Findings, duration: float, sources: results.Sources) -> None:
+    def prepare_sources() -> results.Sources | Exception:
+        # Headers that cannot be repaired are reported per analyzer below, like any encode failure.
+        try:
+            return results.prepare_sources(headers)
+        except Exception as exc:
+            LOG.exception("source headers cannot be used for results")
+            return exc
+
+    def encode(index: int, findings: Findings, duration: float, sources: results.Sources | Exception) -> None:
         name = names[index]
         previous = tuple(p for p in task.previous if p.analyzer == name)
         t1 = time.perf_counter()
         try:
+            if isinstance(sources, Exception):
+                raise sources
             objects = results.build_results(findings, sources, epoch=task.epoch, previous=previous,
                                             created=created)
         except Exception as exc:
@@ -209,6 +219,8 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
             LOG.exception("results of %s could not be encoded", name)
             findings = _failed(name, findings.version, findings.kind, f"results could not be encoded: {exc}")
             try:
+                if isinstance(sources, Exception):
+                    raise sources
                 objects = results.build_results(findings, sources, epoch=task.epoch, previous=previous,
                                                 created=created)
             except Exception as again:  # headers nothing can be built on: the outcome still says why
@@ -227,11 +239,11 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
         with cf.ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="analyzer") as pool:
             futures = {pool.submit(_analyze, registry, name, volume, load_error): i
                        for i, name in enumerate(names)}
-            sources = results.prepare_sources(headers)  # while the analyzers run
+            sources = prepare_sources()  # while the analyzers run
             for future in cf.as_completed(futures):
                 encode(futures[future], *future.result(), sources)
     else:
-        sources = results.prepare_sources(headers)
+        sources = prepare_sources()
         for i, name in enumerate(names):
             encode(i, *_analyze(registry, name, volume, load_error), sources)
 

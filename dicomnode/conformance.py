@@ -825,7 +825,8 @@ force at that moment (an edit through the console or `dicomnode peers` applies t
 association). When several checks fail, the first rejecting row of Table 4 that applies is the one
 reported. The peer check writes `association.requested` or `association.rejected` to the audit log;
 the last two rows are decided by the DICOM upper layer (pynetdicom) after an `association.requested`
-entry and appear only in the application log.
+entry and are audited as `association.rejected` with their reason; an association that is finally
+accepted is audited as `association.accepted`.
 
 Table 4. Association acceptance, for the example peers `SCANNER1` (hosts 192.0.2.10) and
 `ANYWHERE` (any host)

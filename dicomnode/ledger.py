@@ -121,7 +121,7 @@ results = sa.Table(
 )
 
 
-_SELECT_INSTANCE_EPOCH = sa.select(instances.c.epoch).where(
+_SELECT_INSTANCE_EPOCH = sa.select(instances.c.epoch, instances.c.path).where(
     instances.c.sop_instance_uid == sa.bindparam("sop")
 )
 _SELECT_SERIES_STATE = sa.select(
@@ -137,11 +137,11 @@ _SERIES_TOUCHED = {
     # expected_count is set from a header that states it; None keeps the value it had
     "expected_count": sa.func.coalesce(sa.bindparam("expected", type_=sa.Integer), series.c.expected_count),
 }
-# Same epoch: one more instance in it. ``new_epoch`` is bound but unchanged (it is the current one).
+# Same epoch: one more instance in it.
 _UPDATE_SERIES = (
     series.update()
     .where(series.c.series_instance_uid == sa.bindparam("uid"))
-    .values(**_SERIES_TOUCHED, epoch=sa.bindparam("new_epoch"), epoch_count=series.c.epoch_count + 1)
+    .values(**_SERIES_TOUCHED, epoch_count=series.c.epoch_count + 1)
 )
 # A late instance reopens a series already handed on: a new epoch starts with it.
 _UPDATE_SERIES_REOPEN = (
@@ -232,7 +232,9 @@ class RecordOutcome:
     new: bool  # False: the SOP Instance was already in the ledger (duplicate)
     epoch: int
     reopened: bool  # True: this instance reopened an already processed series
-    expected_reached: bool = False  # the series now holds as many instances as its headers announce
+    # The series has just reached as many instances as its headers announce (once, not per late image).
+    expected_reached: bool = False
+    path: str = ""  # for a duplicate: the spool path of the copy the ledger already holds
 
 
 _MAX_BATCH = 256
@@ -274,19 +276,22 @@ class _GroupCommitter:
 
     def _commit(self, batch: list[tuple[StoredInstance, _Slot]]) -> None:
         try:
-            with self._ledger.engine.begin() as conn:
-                outcomes = [self._ledger._record(conn, item) for item, _ in batch]
-        except Exception:
-            # One bad row must not refuse its neighbours: redo them one transaction each.
-            for item, slot in batch:
-                self._commit_one(item, slot)
-        except BaseException as exc:
+            try:
+                with self._ledger.engine.begin() as conn:
+                    outcomes = [self._ledger._record(conn, item) for item, _ in batch]
+            except Exception:
+                # One bad row must not refuse its neighbours: redo them one transaction each.
+                for item, slot in batch:
+                    self._commit_one(item, slot)
+            else:
+                for (_, slot), outcome in zip(batch, outcomes, strict=True):
+                    slot.set(outcome)
+        finally:
+            # Whatever escaped (KeyboardInterrupt, MemoryError...), no row that left the queue may be
+            # left unanswered: its owner would wait for it for ever, holding the commit lock.
             for _, slot in batch:
-                slot.fail(exc)
-            raise
-        else:
-            for (_, slot), outcome in zip(batch, outcomes, strict=True):
-                slot.set(outcome)
+                if not slot.done:
+                    slot.fail(RuntimeError("ledger commit interrupted"))
 
     def _commit_one(self, item: StoredInstance, slot: _Slot) -> None:
         try:
@@ -367,7 +372,7 @@ class Ledger:
         # row cost more than executing it, once per C-STORE.
         existing = conn.execute(_SELECT_INSTANCE_EPOCH, {"sop": item.sop_instance_uid}).first()
         if existing is not None:
-            return RecordOutcome(new=False, epoch=existing.epoch, reopened=False)
+            return RecordOutcome(new=False, epoch=existing.epoch, reopened=False, path=existing.path)
         current = conn.execute(_SELECT_SERIES_STATE, {"uid": item.series_instance_uid}).first()
         received = item.received_at.timestamp()
         expected = item.images_in_acquisition or None
@@ -406,11 +411,12 @@ class Ledger:
                 # A late image for a series already handed on: it opens a new epoch.
                 epoch = current.epoch + 1
                 reopened = True
-            conn.execute(
-                _UPDATE_SERIES_REOPEN if reopened else _UPDATE_SERIES,
-                {"uid": item.series_instance_uid, "received": received,
-                 "association": item.association_id, "expected": expected, "new_epoch": epoch},
-            )
+            values = {"uid": item.series_instance_uid, "received": received,
+                      "association": item.association_id, "expected": expected}
+            if reopened:
+                conn.execute(_UPDATE_SERIES_REOPEN, {**values, "new_epoch": epoch})
+            else:
+                conn.execute(_UPDATE_SERIES, values)
         conn.execute(
             instances.insert(),
             {
@@ -431,7 +437,7 @@ class Ledger:
             },
         )
         return RecordOutcome(new=True, epoch=epoch, reopened=reopened,
-                             expected_reached=bool(announced) and count >= (announced or 0))
+                             expected_reached=bool(announced) and count == announced)
 
     def association_released(self, association_id: str, at: float | None = None) -> int:
         """Evidence for completeness: the sender ended the association that carried the last

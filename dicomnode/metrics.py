@@ -103,7 +103,7 @@ class Metrics:
 
     def _observe(self, record: dict[str, Any]) -> None:
         event = record.get("event")
-        if event == "association.requested":
+        if event == "association.accepted":
             self.associations.labels("accepted").inc()
         elif event == "association.rejected":
             self.associations.labels("rejected").inc()

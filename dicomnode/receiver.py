@@ -198,7 +198,7 @@ class Receiver:
         self._association_ids: dict[int, str] = {}
         self._stored_by_association: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._contexts = SharedContexts()
+        self._contexts: SharedContexts
         self.ae = self._make_ae()
 
     # --- set-up -------------------------------------------------------------------------------
@@ -230,6 +230,7 @@ class Receiver:
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected_by_pynetdicom),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_association_end),
@@ -308,6 +309,10 @@ class Receiver:
         self.audit.log("association.rejected", association=self._forget(assoc),
                        calling_ae=str(assoc.requestor.ae_title).strip(),
                        host=str(assoc.requestor.address), reason=reason)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        # Not at EVT_REQUESTED: pynetdicom may still refuse the caller after our check passed.
+        self.audit.log("association.accepted", association=self.association_id(event.assoc))
 
     def _forget(self, assoc: Association) -> str:
         with self._lock:
@@ -402,16 +407,15 @@ class Receiver:
             outcome = self.ledger.record_instance(item)
         except Exception as exc:
             raise OutOfResources(f"ledger unavailable: {type(exc).__name__}") from exc
-        if not outcome.new:
-            self._drop_duplicate_copy(item)
+        if not outcome.new and outcome.path != item.path:
+            # The same SOP Instance UID under another study or series lands at another path; the
+            # ledger keeps the first copy, so the second file is removed rather than orphaned. It is
+            # already answered for: a failure here is logged, never turned into a refusal.
+            try:
+                self.spool.discard(item.path)
+            except OSError as exc:
+                LOG.warning("could not remove duplicate copy %s: %s", item.path, exc)
         return item, outcome
-
-    def _drop_duplicate_copy(self, item: StoredInstance) -> None:
-        """A duplicate SOP Instance UID sent under another study or series lands at another path;
-        the first copy is the one the ledger knows, so the second file is removed, not orphaned."""
-        first = self.ledger.instance(item.sop_instance_uid)
-        if first is not None and first.path != item.path:
-            self.spool.discard(item.path)
 
 
 def _server(server: ThreadedAssociationServer | None) -> ThreadedAssociationServer:

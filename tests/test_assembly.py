@@ -109,3 +109,18 @@ def test_due_time_never_later_than_quiet_period_and_release_brings_it_forward(
 def test_expected_count_completes_without_waiting() -> None:
     assert due_time(_row(100.0, count=10, expected=10), 30, 1) == 100.0
     assert due_time(_row(100.0, count=9, expected=10), 30, 1) == 130.0
+
+
+def test_expected_count_is_reported_reached_once_and_duplicates_keep_the_first_path(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    ledger = Ledger.sqlite(str(tmp_path / "l.sqlite3"))
+    try:
+        announced = [replace(instance(7, n, 1000.0 + n), images_in_acquisition=3) for n in range(5)]
+        reached = [ledger.record_instance(item).expected_reached for item in announced]
+        assert reached == [False, False, True, False, False]  # a late 4th or 5th image wakes nothing
+        moved = replace(announced[0], path="instances/1.2.3/9.9/1.2.3.7.0.dcm")
+        outcome = ledger.record_instance(moved)
+        assert not outcome.new and outcome.path == announced[0].path
+    finally:
+        ledger.close()

@@ -51,12 +51,13 @@ if TYPE_CHECKING:
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 MANIFEST_NAME = "manifest.toml"
 
-#: SNOMED CT 118565006 "Volume" and UCUM "ml" for the lesion volume (PS3.16 TID 1411 row 8).
 # On CPU a 2-D model is streamed in batches of at most this many bytes of source pixels (float32),
 # or the manifest's batch_size if smaller: every intermediate of a small batch (windows, resampled
 # input, activations, probabilities back on the source grid) stays in the CPU caches. Demo model,
 # 200 slices of 512x512 on one core: 4.1 s in batches of 16 slices, 2.5 s in batches of 4.
 CPU_BATCH_BYTES = 4 * 2**20
+
+#: SNOMED CT 118565006 "Volume" and UCUM "ml" for the lesion volume (PS3.16 TID 1411 row 8).
 VOLUME_CODE = Code("118565006", "SCT", "Volume")
 MILLILITER = Code("ml", "UCUM", "milliliter")
 
