@@ -12,10 +12,13 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicomnode.config import DEFAULT_CONFIG_PATH, Config, load_config
 from dicomnode.errors import ConfigError
+
+if TYPE_CHECKING:  # the ledger pulls in SQLAlchemy: imported lazily by the commands that need it
+    from dicomnode.ledger import Ledger
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -92,17 +95,22 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
+def _retry(ledger: Ledger, job_id: int | None, command: str, noun: str) -> int:
+    """Requeue a failed or dead job (an analysis, or a delivery of one result)."""
+    if job_id is None:
+        print(f"usage: dicomnode {command} retry ID", file=sys.stderr)
+        return 2
+    ok = ledger.retry_job(job_id)
+    print(f"{noun} {job_id} requeued" if ok else f"{noun} {job_id} is not failed or dead")
+    return 0 if ok else 1
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     from dicomnode.domain import JobKind, JobState
 
     ledger = _ledger(args)
     if args.action == "retry":
-        if args.id is None:
-            print("usage: dicomnode jobs retry ID", file=sys.stderr)
-            return 2
-        ok = ledger.retry_job(args.id)
-        print(f"job {args.id} requeued" if ok else f"job {args.id} is not failed or dead")
-        return 0 if ok else 1
+        return _retry(ledger, args.id, "jobs", "job")
     states = [JobState(s) for s in args.state] if args.state else []
     kind = JobKind(args.kind) if args.kind else None
     rows = ledger.list_jobs(kind=kind, states=states, limit=args.limit)
@@ -128,12 +136,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     ledger = _ledger(args)
     if args.action == "retry":
-        if args.id is None:
-            print("usage: dicomnode results retry ID", file=sys.stderr)
-            return 2
-        ok = ledger.retry_job(args.id)
-        print(f"delivery {args.id} requeued" if ok else f"delivery {args.id} is not failed or dead")
-        return 0 if ok else 1
+        return _retry(ledger, args.id, "results", "delivery")
     print(f"{'ID':>6} {'STATE':9} {'TRIES':>5} {'DEST':10} {'KIND':4} {'ANALYZER':18} RESULT / ERROR")
     for j in ledger.list_jobs(kind=JobKind.DELIVER, limit=args.limit):
         row = ledger.result(int(j.payload["result_id"]))
