@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pydicom
 import pytest
 import tomlkit
 from conftest import base_config
+from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from synthetic import ct_series
@@ -100,17 +102,21 @@ def test_kill_9_during_reception_loses_no_acknowledged_instance(tmp_path: Path, 
         node.stop()
 
 
+def spool_one(node: Node, seed: str) -> tuple[Dataset, str]:
+    """Put one CT image in the spool only, as a crash between link and ledger commit leaves it."""
+    ds = ct_series(1, seed=seed)[0]
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    relative = node.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert node.spool.write(relative, buffer.getvalue())
+    return ds, relative
+
+
 def test_reconcile_removes_debris_and_indexes_linked_but_uncommitted_files(tmp_path: Path) -> None:
     config = parse_config(base_config(tmp_path))
     first = Node(config)
-    ds = ct_series(1, seed="orphan")[0]
-    from io import BytesIO
-
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
     # The two intermediate states a crash can leave: a temp file, and a linked file with no row.
-    relative = first.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    assert first.spool.write(relative, buffer.getvalue())
+    ds, relative = spool_one(first, "orphan")
     (first.spool.incoming / "deadbeef.part").write_bytes(b"half an image")
     first.stop()
 
@@ -131,13 +137,7 @@ def test_reconcile_removes_debris_and_indexes_linked_but_uncommitted_files(tmp_p
 def test_reconcile_reports_ledger_rows_whose_file_vanished(tmp_path: Path) -> None:
     config = parse_config(base_config(tmp_path))
     node = Node(config)
-    ds = ct_series(1, seed="vanish")[0]
-    from io import BytesIO
-
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    relative = node.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    node.spool.write(relative, buffer.getvalue())
+    _, relative = spool_one(node, "vanish")
     node.reconcile()
     node.spool.path(relative).unlink()
     try:

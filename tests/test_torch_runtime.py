@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import phantoms
 import pytest
 import torch
 from torch import nn
@@ -119,19 +120,7 @@ def volume(
     modality: str = "CT",
     problems: tuple[str, ...] = (),
 ) -> Volume:
-    return Volume(
-        pixels=pixels.astype(np.float32),
-        spacing=spacing,
-        orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
-        origin=(0.0, 0.0, 0.0),
-        frame_of_reference_uid="1.2.3",
-        modality=modality,
-        series_instance_uid="1.2.3.4",
-        study_instance_uid="1.2.3.5",
-        headers=(),
-        slice_positions=tuple(2.0 * k for k in range(pixels.shape[0])),
-        problems=problems,
-    )
+    return phantoms.volume(pixels, modality, spacing, problems=problems)
 
 
 def lesion_volume(n: int = 10, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
