@@ -98,6 +98,33 @@ class NodeSettings(_Settings):
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
+    handshake_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="seconds a new connection has to finish TLS and send its whole A-ASSOCIATE-RQ "
+        "(never more than acse_timeout); then it is closed",
+    )
+    negotiation_slots: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="connections that may be negotiating (connected, no association yet) at once; "
+        "more are reset at the door. They never take max_associations slots",
+    )
+    negotiation_per_host: int = Field(
+        default=8,
+        ge=1,
+        le=4096,
+        description="of those, from any one peer address: a flood from one host cannot starve "
+        "scanners on other hosts",
+    )
+    max_instance_mb: int = Field(
+        default=256,
+        ge=1,
+        description="largest data set accepted, in MiB, after inflating Deflated Explicit VR: "
+        "one that inflates past it is refused with 0xA700, one streamed past it ends its "
+        "association. Raise it for very large multi-frame objects",
+    )
     min_free_mb: int = Field(
         default=512,
         ge=0,

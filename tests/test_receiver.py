@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import NodeFactory, RunningNode, run_dcmtk, store_successes, storescu
+from pki import make_pki
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_preamble
 from pydicom.uid import (
@@ -405,29 +406,11 @@ def test_garbage_bytes_on_socket_never_kill_the_node(running_node: RunningNode) 
 # --- TLS -----------------------------------------------------------------------------------------
 
 
-def _make_pki(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate and a client certificate, made with the openssl tool."""
-    folder.mkdir()
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-            "-keyout", "ca.key", "-out", "ca.crt")
-    for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                "-out", f"{name}.csr")
-        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext")
-    return {p.stem + p.suffix.replace(".", "_"): p for p in folder.iterdir()}
-
-
 def test_tls_echo_and_store_with_client_certificate(make_node: NodeFactory, tmp_path: Path,
                                                     ct_folder: Path) -> None:
     import socket as _socket
 
-    pki = _make_pki(tmp_path / "pki")
+    pki = make_pki(tmp_path / "pki")
     with _socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         tls_port = probe.getsockname()[1]
