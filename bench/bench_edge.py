@@ -143,7 +143,8 @@ def main() -> int:
             rows.append((f"{transport} {tool}", q, f, p90, max(flood), f / q))
             report[f"{transport} {tool}"] = {"quiet_s": quiet, "flood_s": flood, "median_quiet_s": q,
                                              "median_flood_s": f, "p90_flood_s": p90, "max_flood_s": max(flood),
-                                             "ratio": f / q, "node_peak_rss_mb_quiet": peaks[f"{transport} {tool} quiet"],
+                                             "ratio": f / q,
+                                             "node_peak_rss_mb_quiet": peaks[f"{transport} {tool} quiet"],
                                              "node_peak_rss_mb_flood": peaks[f"{transport} {tool} flood"],
                                              "flood_connections": opened[f"{transport} {tool} flood"]}
     print(f"{'case':<18} {'quiet med':>10} {'flood med':>10} {'flood p90':>10} {'flood max':>10} {'ratio':>6}")

@@ -1,11 +1,14 @@
 """Storage and Verification SCP: the network edge where scanners push images.
 
-Per association: accept or reject (PS3.8 7.1.1.9: permanent reject, calling AE title not recognised
+Per connection (:mod:`dicomnode.transport`): a bounded negotiation pool with a per-host cap and a
+handshake deadline, timeouts on every read and write, PDUs bounded by the negotiated maximum, and
+association slots for live associations only, so no host can lock the scanners out. Per
+association: accept or reject (PS3.8 7.1.1.9: permanent reject, calling AE title not recognised
 for unknown callers or hosts; called AE title not recognised; transient reject over the association
-limit). Per C-STORE: the data set bytes are stored exactly as received (Storage Level 2, no
-coercion) behind a File Meta Information header of ours, fsynced in the spool, indexed in the ledger
-and only then answered with Success (PS3.4 B.2.3). The receiver never decodes pixel data, runs
-models or waits on jobs.
+limit). Per C-STORE: the command must match its presentation context; the data set bytes are
+stored exactly as received (Storage Level 2, no coercion) behind a File Meta Information header of
+ours, fsynced in the spool, indexed in the ledger and only then answered with Success (PS3.4
+B.2.3). The receiver never decodes pixel data, runs models or waits on jobs.
 """
 
 from __future__ import annotations

@@ -262,6 +262,14 @@ class EdgeServer(ThreadedAssociationServer):
 
     # --- the accept thread: cheap decisions only ---------------------------------------------------
 
+    def server_bind(self) -> None:
+        """pynetdicom's bind (SO_REUSEADDR, listening timeout = network timeout), then a
+        non-blocking listening socket: a connection reset between ``select`` and ``accept`` must
+        not stall the accept loop for the network timeout. (A ``reuse_port`` option for several
+        receiver processes would set SO_REUSEPORT here, before the bind.)"""
+        super().server_bind()
+        cast(socket.socket, self.socket).setblocking(False)
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept only. pynetdicom wraps TLS here, in the accept thread, without a timeout; the
         handshake moves to the connection's own thread (:meth:`open_transport`)."""

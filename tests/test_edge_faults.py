@@ -86,6 +86,27 @@ def test_idle_and_half_open_sockets_block_nobody_and_are_closed_by_the_timeouts(
     assert ECHO_OK in _echo(node.port)
 
 
+def test_a_socket_flood_from_one_host_costs_a_bounded_number_of_threads(make_node: NodeFactory) -> None:
+    """Issue 9.1: threads grew from 7 to 151 under idle sockets. Connections over the per-host
+    cap are reset by the accept thread itself: no thread, no buffer."""
+    node = make_node()
+    per_host = node.node.config.node.negotiation_per_host
+    before = threading.active_count()
+    sockets = [connect_from(ATTACKER, node.port) for _ in range(60)]
+    try:
+        time.sleep(0.5)
+        grown = threading.active_count() - before
+        # An admitted connection has an association thread and a DUL reader thread.
+        assert grown <= 2 * per_host + 2, f"{grown} threads for 60 idle sockets"
+        reset = sum(closed_by_peer(sock, 0.5) for sock in sockets)
+        assert reset == 60 - per_host
+        assert node.node.receiver.connections()["negotiating"] == per_host
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert ECHO_OK in _echo(node.port)
+
+
 # --- 2. PDUs longer than the negotiated maximum --------------------------------------------------
 
 
