@@ -614,8 +614,10 @@ class _InflatingReader:
                 self._buffer += out
                 if self._produced > self._limit:
                     raise OutOfResources(f"data set inflates past max_instance_mb ({self._limit // 2**20} MiB)")
-                keep_from = self._position - self._REWIND
-                if keep_from > self._start + self._REWIND:
+                # Forget what lies more than _REWIND behind the position (during a long forward
+                # seek: everything inflated so far), in steps of at least _REWIND.
+                keep_from = min(self._position - self._REWIND, self._produced)
+                if keep_from - self._start > self._REWIND:
                     del self._buffer[: keep_from - self._start]
                     self._start = keep_from
                 return True

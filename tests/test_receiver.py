@@ -523,3 +523,39 @@ def test_accepted_sockets_have_tcp_nodelay(running_node: RunningNode) -> None:
         server.bind(evt.EVT_C_ECHO, on_echo)  # intervention event: replaces the receiver's handler
     assert "Received Echo Response (Success)" in _echo(running_node.port, "ECHOSCU")
     assert seen and all(seen)
+
+
+def _deflated(ds: Dataset) -> bytes:
+    """A data set in Deflated Explicit VR Little Endian, as a C-STORE carries it."""
+    import zlib
+
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(_encode(ds)) + compressor.flush()
+
+
+def test_deflated_parse_skips_large_pixel_data_and_reads_what_follows() -> None:
+    """The inflating reader keeps only a short window: positions must stay exact across a skip of
+    several MiB, so that elements after the pixel data and the truncation check still work."""
+    from dicomnode.receiver import parse_received
+
+    ds = ct_series(1, 1500, 1500, seed="deflate-big")[0]  # 4.3 MiB of pixel data
+    ds.DataSetTrailingPadding = b"\x00" * 1000  # (FFFC,FFFC), after the pixel data
+    raw = _deflated(ds)
+    parsed = parse_received(raw, DeflatedExplicitVRLittleEndian)
+    assert 0x7FE00010 in parsed  # skipped, never inflated into memory
+    assert parsed.SeriesInstanceUID == ds.SeriesInstanceUID
+    truncated = _deflated(ds)[:-2000]
+    with pytest.raises(Exception, match="truncated|inflate"):
+        parse_received(truncated, DeflatedExplicitVRLittleEndian)
+
+
+def test_deflated_parse_stops_inflating_at_the_limit() -> None:
+    from dicomnode.errors import OutOfResources
+    from dicomnode.receiver import parse_received
+
+    ds = ct_series(1, 1024, 1024, seed="deflate-limit")[0]  # 2 MiB of pixel data
+    raw = _deflated(ds)
+    size = len(_encode(ds))
+    parse_received(raw, DeflatedExplicitVRLittleEndian, max_inflated=size)
+    with pytest.raises(OutOfResources, match="max_instance_mb"):
+        parse_received(raw, DeflatedExplicitVRLittleEndian, max_inflated=size - 1)
