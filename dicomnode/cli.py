@@ -378,7 +378,8 @@ def cmd_send(args: argparse.Namespace) -> int:
                 ae.add_requested_context(context[0], [context[1]])
             try:
                 assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                                     tls_args=tls_arguments(destination), evt_handlers=EVENT_HANDLERS)
+                                     max_pdu=destination.max_pdu, tls_args=tls_arguments(destination),
+                                     evt_handlers=EVENT_HANDLERS)
             except OSError as exc:
                 print(f"cannot connect to {destination.host}:{destination.port}: {exc}", file=sys.stderr)
                 return 1

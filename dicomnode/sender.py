@@ -90,8 +90,8 @@ EVENT_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, _on_connected)]
 
 def make_ae(calling_ae: str, destination: Destination | None = None) -> AE:
     """A requesting AE with the destination's SCU settings: the largest PDU we accept (PS3.8
-    D.3.3.1) and the ACSE, DIMSE and network timeouts (the defaults of :class:`Destination`
-    when none is given)."""
+    D.3.3.1; ``AE.associate`` takes it as ``max_pdu``, set here too so the AE states it) and the
+    ACSE, DIMSE and network timeouts (the defaults of :class:`Destination` when none is given)."""
     settings = destination or _DEFAULT_SCU
     quiet_pynetdicom_event_logging()
     ae = AE(ae_title=calling_ae)
@@ -159,7 +159,8 @@ def _associate(ae: AE, destination: Destination) -> Any:
     certificate) is Transient: the destination or its files may be fixed while we retry."""
     try:
         return ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                            tls_args=tls_arguments(destination), evt_handlers=EVENT_HANDLERS)
+                            max_pdu=destination.max_pdu, tls_args=tls_arguments(destination),
+                            evt_handlers=EVENT_HANDLERS)
     except OSError as exc:  # ssl.SSLError is an OSError
         raise Transient(f"cannot connect to {destination.host}:{destination.port}: {exc}") from exc
 
