@@ -133,6 +133,28 @@ def header_problem(header: Dataset) -> str:
     return ""
 
 
+def without_undecodable(header: Dataset) -> tuple[Dataset, list[str]]:
+    """A copy of ``header`` without the elements that cannot be decoded (nested ones included),
+    and their tags."""
+    fixed = copy.deepcopy(header)
+    dropped: list[str] = []
+
+    def clean(ds: Dataset) -> None:
+        for tag in list(ds.keys()):
+            try:
+                element = ds[tag]
+            except Exception:
+                del ds[tag]
+                dropped.append(str(tag))
+                continue
+            if element.VR == "SQ":
+                for item in element.value:
+                    clean(item)
+
+    clean(fixed)
+    return fixed, dropped
+
+
 def screen_headers(paths: tuple[str, ...]) -> tuple[list[str], list[Dataset], list[str]]:
     """Split the instances of a series into those whose headers can be used (paths and headers)
     and the others, one sentence each naming the instance and the problem."""
@@ -285,9 +307,10 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
     volume, load_error = _load(task.paths)
     excluded: tuple[str, ...] = ()
     headers: list[Dataset] = []
-    if volume is None or any(header_problem(h) for h in volume.headers):
-        # Some header cannot be used (and may be why the volume failed): leave such instances out,
-        # analyse the others and say so, rather than lose the whole series' results.
+    if volume is None:
+        # A header that cannot be decoded may be why: leave such instances out, analyse the others
+        # and say so, rather than lose the whole series' results. (Only on this path: checking
+        # every header of every series up front would cost the hot path time.)
         usable, headers, problems = screen_headers(task.paths)
         excluded = tuple(problems)
         if excluded:
@@ -311,10 +334,25 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
     _share_cores(parallel)
     encoded: dict[int, tuple[list[ResultObject], AnalyzerOutcome]] = {}
 
+    repairs: list[str] = []  # filled by prepare_sources, before the first encode
+
     def prepare_sources() -> results.Sources | Exception:
         # Headers that cannot be repaired are reported per analyzer below, like any encode failure.
         try:
             return results.prepare_sources(headers)
+        except Exception as exc:
+            first = exc
+        # The volume was built, so the undecodable elements are ones imaging did not need: leave
+        # them out of the report's copy of the headers, and say so.
+        cleaned = []
+        for header in headers:
+            fixed, dropped = without_undecodable(header)
+            if dropped:
+                repairs.append(f"instance {_identify(header, '?')}: element(s) {', '.join(dropped)} cannot be "
+                               "decoded and were left out of this report's copy of its header")
+            cleaned.append(fixed)
+        try:
+            return results.prepare_sources(cleaned) if repairs else first
         except Exception as exc:
             LOG.exception("source headers cannot be used for results")
             return exc
@@ -332,6 +370,8 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
         name = names[index]
         previous = tuple(p for p in task.previous if p.analyzer == name)
         findings = _with_exclusions(findings, excluded, len(task.paths))
+        if repairs:
+            findings = replace(findings, notes=(*findings.notes, *repairs))
         t1 = time.perf_counter()
         try:
             objects = build(findings, sources, previous)
@@ -339,14 +379,14 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
             # The findings cannot be encoded (e.g. a mask that does not fit): report the failure.
             LOG.exception("results of %s could not be encoded", name)
             findings = _failed(name, findings.version, findings.kind, f"results could not be encoded: {exc}")
-            findings = replace(findings, notes=excluded)
+            findings = replace(findings, notes=(*excluded, *repairs))
             try:
                 objects = build(findings, sources, previous)
             except Exception as again:
                 # Headers the full report cannot be built on: fall back to what identifies the
                 # images (patient, study, series, SOP), so the PACS still gets a failure SR.
                 LOG.exception("the failure report of %s could not be encoded; trying minimal headers", name)
-                findings = replace(findings, notes=(*excluded, f"source headers reduced to their identifying "
+                findings = replace(findings, notes=(*excluded, *repairs, f"source headers reduced to their identifying "
                                                                f"attributes: {type(again).__name__}: {again}"))
                 try:
                     objects = build(findings, _minimal_headers(headers), previous)

@@ -154,3 +154,26 @@ def test_results_uid_root_prefixes_every_result_uid(make_node: NodeFactory) -> N
     # SOP instance, series, and the tracking UID of the report (a content item's UID)
     assert {"SOPInstanceUID", "SeriesInstanceUID", "UID"} <= set(minted.values()), minted
     assert all(uid.startswith("1.2.3.4.5.") and len(uid) <= 64 for uid in minted), minted
+
+
+def test_an_undecodable_element_imaging_does_not_need_is_left_out_of_the_report(make_node: NodeFactory) -> None:
+    """Content Date of one image reads VR 'DW': the volume does not need it, so every image is
+    analysed, and the SR is built on headers without that element, saying so."""
+    running = make_node(rules=[{"then": {"analyzers": ["qc-ct"]}}])
+    datasets = ct_series(6, 32, 32, seed="content-date")
+    content_date = b"\x08\x00\x23\x00DA"
+    for i, ds in enumerate(datasets):
+        data = part10(ds)
+        assert data.count(content_date) == 1
+        place(running.node, ds, data.replace(content_date, b"\x08\x00\x23\x00DW") if i == 2 else data)
+    running.node.run_until_idle(timeout=120)
+    [row] = running.ledger.results_for_series(datasets[0].SeriesInstanceUID)
+    sr = pydicom.dcmread(running.node.spool.path(row.path))
+    assert dciodvfy(running.node.spool.path(row.path)).clean
+    assert not sr.SeriesDescription.endswith("FAILED")
+    assert not any("excluded" in t for t in sr_texts(sr)), "no image was left out of the analysis"
+    [note] = [t for t in sr_texts(sr) if datasets[2].SOPInstanceUID in t]
+    assert "(0008,0023)" in note and "left out" in note
+    referenced = {ref.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                  for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert referenced == {ds.SOPInstanceUID for ds in datasets}
