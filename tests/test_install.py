@@ -59,8 +59,8 @@ def test_wheel_install_checks_serves_and_echoes_from_any_folder(tmp_path: Path) 
     created = run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv, cwd=tmp_path)
     assert created.returncode == 0, created.stderr
     python, dicomnode = venv / "bin" / "python", venv / "bin" / "dicomnode"
-    installed = run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel,
-                    cwd=tmp_path)
+    # The venv has no pip of its own: the system's pip, run by the venv's interpreter, installs there.
+    installed = run(python, "-m", "pip", "install", "--no-deps", "-q", wheel, cwd=tmp_path)
     assert installed.returncode == 0, installed.stderr
 
     folder = tmp_path / "somewhere"  # an unrelated folder: no config, no checkout
