@@ -1,6 +1,9 @@
-"""Command line: ``dicomnode serve | check-config | echo | ...``.
+"""Command line: ``dicomnode serve | check-config | init | echo | ...``.
 
 Exit codes: 0 success, 1 operation failed, 2 invalid configuration or usage.
+
+Without ``--config`` every command reads ``$DICOMNODE_CONFIG``, else ``./dicomnode.toml``, else the
+embedded default (:func:`dicomnode.config.find_config`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicomnode.config import DEFAULT_CONFIG_PATH, Config, load_config
+from dicomnode.config import (
+    CONFIG_ENV,
+    EMBEDDED_DEFAULT,
+    LOCAL_CONFIG_NAME,
+    NO_CONFIG_FILE_HINT,
+    Config,
+    embedded_config_text,
+    find_config,
+    load_config,
+)
 from dicomnode.errors import ConfigError
 
 if TYPE_CHECKING:  # the ledger pulls in SQLAlchemy: imported lazily by the commands that need it
@@ -23,27 +35,62 @@ if TYPE_CHECKING:  # the ledger pulls in SQLAlchemy: imported lazily by the comm
 Command = Callable[[argparse.Namespace], int]
 
 
+CONFIG_HELP = f"config file (default: ${CONFIG_ENV}, else ./{LOCAL_CONFIG_NAME}, else the {EMBEDDED_DEFAULT})"
+
+
 def _load(path: str | None) -> Config:
-    return load_config(path if path is not None else DEFAULT_CONFIG_PATH)
+    """The config named by ``--config``, else the one :func:`find_config` finds."""
+    return load_config(find_config(path))
+
+
+def _source(path: Path | None) -> str:
+    return str(path) if path is not None else EMBEDDED_DEFAULT
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    path = find_config(args.file)
     try:
-        config = _load(args.file)
+        config = load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{exc.source}: {problem}" if exc.source else problem)
         return 2
-    print(f"{args.file or DEFAULT_CONFIG_PATH}: ok ({len(config.peers)} peers, "
+    print(f"{_source(path)}: ok ({len(config.peers)} peers, "
           f"{len(config.destinations)} destinations, {len(config.rules)} rules)")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write the commented starter config (the embedded default); never overwrite a file."""
+    import os
+
+    path = Path(args.path)
+    try:
+        # O_EXCL: refuse an existing file even if it appears between a check and the write.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except FileExistsError:
+        print(f"{path}: already exists; not overwritten (remove it or choose another PATH)", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{path}: cannot create: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(embedded_config_text())
+    print(f"wrote {path}")
+    found = find_config(None)
+    if found is not None and found.resolve() == path.resolve():
+        print("dicomnode commands started in this folder use it (no --config needed)")
+    else:
+        print(f"use it with --config {path} or {CONFIG_ENV}={path}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicomnode.node import Node
 
-    config = _load(args.config)
-    node = Node(config, Path(args.config) if args.config else DEFAULT_CONFIG_PATH)
+    path = find_config(args.config)
+    config = load_config(path)
+    node = Node(config, path)
     stop = threading.Event()
 
     def _signal(signum: int, _frame: object) -> None:
@@ -54,6 +101,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     node.start()
     n = config.node
     print(f"dicomnode {n.ae_title} listening on {n.host}:{n.port} (data in {node.data_dir})", flush=True)
+    if path is None:
+        print(f"config: the {EMBEDDED_DEFAULT} (read only; `dicomnode init` writes a file of your own)",
+              flush=True)
+    else:
+        print(f"config: {path}", flush=True)
     if node.admin is not None:
         print(f"admin console on {node.admin.url}", flush=True)
     stop.wait()
@@ -223,7 +275,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     """List, add or remove accepted peers; a running node is told to reload them at once."""
     from dicomnode import config_edit
 
-    path = Path(args.config) if args.config else DEFAULT_CONFIG_PATH
+    path = find_config(args.config)
     if args.action == "list":
         config = load_config(path)
         print(f"{'AE TITLE':16} {'HOSTS':30} DESCRIPTION")
@@ -232,6 +284,9 @@ def cmd_peers(args: argparse.Namespace) -> int:
         return 0
     if not args.ae_title:
         print(f"usage: dicomnode peers {args.action} AE_TITLE", file=sys.stderr)
+        return 2
+    if path is None:
+        print(f"cannot {args.action} a peer: {NO_CONFIG_FILE_HINT}", file=sys.stderr)
         return 2
     try:
         if args.action == "add":
@@ -289,7 +344,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     import pydicom
     from tqdm import tqdm
 
-    from dicomnode.sender import classify, make_ae
+    from dicomnode.sender import EVENT_HANDLERS, classify, make_ae, tls_arguments
 
     config = _load(args.config)
     destination = config.destinations.get(args.to)
@@ -318,10 +373,16 @@ def cmd_send(args: argparse.Namespace) -> int:
     calling = args.calling_ae or config.node.ae_title
     with tqdm(total=len(contexts), unit="file", disable=None) as progress:
         for batch in batches:
-            ae = make_ae(calling)
+            ae = make_ae(calling, destination)
             for context in sorted({contexts[p] for p in batch}):
                 ae.add_requested_context(context[0], [context[1]])
-            assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+            try:
+                assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                                     max_pdu=destination.max_pdu, tls_args=tls_arguments(destination),
+                                     evt_handlers=EVENT_HANDLERS)
+            except OSError as exc:
+                print(f"cannot connect to {destination.host}:{destination.port}: {exc}", file=sys.stderr)
+                return 1
             if not assoc.is_established:
                 print(f"no association with {destination.ae_title}@{destination.host}:{destination.port}",
                       file=sys.stderr)
@@ -407,37 +468,61 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bounded_int(text: str, low: int, high: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{what} must be between {low} and {high}, got {text}")
+    return value
+
+
+def _job_id(text: str) -> int:
+    from dicomnode.domain import MAX_ID
+
+    return _bounded_int(text, 1, MAX_ID, "ID")
+
+
+def _limit(text: str) -> int:
+    return _bounded_int(text, 1, 100_000, "--limit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the node")
-    p.add_argument("--config", help=f"config file (default: {DEFAULT_CONFIG_PATH})")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file; one line per problem")
-    p.add_argument("file", nargs="?")
+    p.add_argument("file", nargs="?", help=CONFIG_HELP)
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("init", help="write a commented starter config (refuses to overwrite)")
+    p.add_argument("path", nargs="?", default=LOCAL_CONFIG_NAME, help=f"where (default: ./{LOCAL_CONFIG_NAME})")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("jobs", help="list jobs, or retry one")
     p.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
-    p.add_argument("id", nargs="?", type=int)
+    p.add_argument("id", nargs="?", type=_job_id)
     p.add_argument("--state", action="append", choices=["queued", "running", "succeeded", "failed", "dead"])
     p.add_argument("--kind", choices=["analyze", "deliver"])
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_limit, default=50)
     p.add_argument("--config")
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("series", help="recent series with state and counts")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_limit, default=50)
     p.add_argument("--config")
     p.set_defaults(func=cmd_series)
 
     p = sub.add_parser("results", help="list result deliveries, or retry one")
     p.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
-    p.add_argument("id", nargs="?", type=int)
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("id", nargs="?", type=_job_id)
+    p.add_argument("--limit", type=_limit, default=50)
     p.add_argument("--config")
     p.set_defaults(func=cmd_results)
 

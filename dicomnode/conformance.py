@@ -929,8 +929,8 @@ Verification is used only by the operator command `dicomnode destinations echo N
 |---|---|
 | Application Context Name | `{APPLICATION_CONTEXT_NAME}` |
 | Calling AE title | `{ae.ae_title}` (`node.ae_title`) |
-| Maximum PDU size received | {_pdu(ae.maximum_pdu_size)} |
-| ACSE / DIMSE / network timeout | {ae.acse_timeout:g} s / {ae.dimse_timeout:g} s / {ae.network_timeout:g} s |
+| Maximum PDU size received | {_pdu(ae.maximum_pdu_size)} (per destination: `max_pdu`) |
+| ACSE / DIMSE / network timeout | {_timeouts(ae)} {_PER_DESTINATION} |
 | Implementation Class UID | `{ae.implementation_class_uid}` |
 | Implementation Version Name | `{ae.implementation_version_name}` |
 
@@ -1087,7 +1087,7 @@ def _security(facts: _Facts) -> str:
     fields = [(f"`node.tls.{name}`", _value(field.default) if not field.is_required() else "(required)",
                " ".join((field.description or "").split()))
               for name, field in TlsSettings.model_fields.items()]
-    context_and_host = sender._tls(Destination(ae_title="PACS", host="pacs.example", port=2762, tls=True))
+    context_and_host = sender.tls_arguments(Destination(ae_title="PACS", host="pacs.example", port=2762, tls=True))
     assert context_and_host is not None
     client = context_and_host[0]
     return f"""
@@ -1118,8 +1118,9 @@ Table 10. Client certificates on the TLS listener
 **TLS on the Storage SCU** (per destination, `tls = true`): minimum version
 {_tls_version(client.minimum_version)}; the server certificate is verified against the
 destination's `ca_certificates` or the system store ({client.verify_mode.name}); the host name is
-{"checked" if client.check_hostname else "not checked"}. The SCU presents no client certificate, so
-a destination that requires one cannot be reached over TLS.
+{"checked" if client.check_hostname else "not checked"}. A destination that requires a client
+certificate gets the one named by its `certificate` and `private_key` (PEM); without them the SCU
+presents none.
 
 ### 5.2 Association Level Security
 
@@ -1128,7 +1129,7 @@ must be `{facts.config.node.ae_title}`.
 
 ### 5.3 Application Level Security
 
-An audit log (`data_dir/audit.log`, one JSON object per line) records association requests,
+An audit log (`data_dir/audit.jsonl`, JSON lines: one object per line) records association requests,
 rejections, releases and aborts, every stored, duplicate and refused instance, analysis and delivery
 outcomes. It carries identifiers only (AE titles, hosts, UIDs, statuses); patient names only with
 `audit.include_patient_names`. It is not a DICOM Audit Trail (PS3.15 Annex A.5) and is not sent to
@@ -1138,6 +1139,13 @@ The admin console and API (`admin.host`, default `{facts.config.admin.host}`) re
 when `admin.token` or `DICOMNODE_ADMIN_TOKEN` is set, except `/healthz`; without a token they listen
 on loopback only, open to every local user.
 """
+
+
+def _timeouts(ae: Any) -> str:
+    return f"{ae.acse_timeout:g} s / {ae.dimse_timeout:g} s / {ae.network_timeout:g} s"
+
+
+_PER_DESTINATION = "(per destination: `acse_timeout`, `dimse_timeout`, `network_timeout`)"
 
 
 def _tls_version(version: Any) -> str:

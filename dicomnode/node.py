@@ -49,7 +49,7 @@ class Node:
         self.data_dir = data_dir
         self.spool = Spool(data_dir / "spool", config.node.min_free_mb * 2**20)
         self.ledger = Ledger.sqlite(str(data_dir / "ledger.sqlite3"))
-        self.audit = Audit(data_dir / "audit.log", enabled=config.audit.enabled)
+        self.audit = Audit(data_dir / "audit.jsonl", enabled=config.audit.enabled)
         self.metrics = Metrics(self.ledger)
         self.audit.subscribe(self.metrics.observe)
         self.admin: AdminServer | None = None
@@ -59,7 +59,8 @@ class Node:
         self.executor = LocalExecutor(
             self.queue,
             [
-                AnalyzeHandler(self.ledger, self.spool, self.queue, config.analysis, self.audit),
+                AnalyzeHandler(self.ledger, self.spool, self.queue, config.analysis, self.audit,
+                               uid_root=config.results.uid_root),
                 DeliverHandler(self.ledger, self.spool, self.queue, config.destinations,
                                config.node.ae_title, self.audit),
             ],
@@ -113,7 +114,8 @@ class Node:
         self.audit.close()
 
     def _start_admin(self) -> None:
-        # The console is an aid: a taken port must not stop images from being received.
+        # The console is an aid: a taken port must not stop images from being received. Imported
+        # here so that FastAPI and uvicorn load only when the console is on.
         from dicomnode.admin import AdminServer
 
         admin = AdminServer(self)

@@ -28,7 +28,7 @@ def value(found: Samples, name: str, **labels: str) -> float:
 
 
 def audit_lines(node_data: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in (node_data / "audit.log").read_text().splitlines()]
+    return [json.loads(line) for line in (node_data / "audit.jsonl").read_text().splitlines()]
 
 
 def test_real_send_is_counted_and_audited(admin_node: AdminNodeFactory,  # noqa: F811  (fixture)
