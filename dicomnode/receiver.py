@@ -186,8 +186,10 @@ class Receiver:
         audit: Audit,
         on_stored: StoredCallback | None = None,
         on_released: Callable[[str], None] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port  # cluster: several receiver processes share the DICOM port
         self.spool = spool
         self.ledger = ledger
         self.audit = audit
@@ -238,19 +240,24 @@ class Receiver:
         ]
         quiet_pynetdicom_event_logging()
         address = (self.settings.host, self.settings.port)
-        self._servers.append(_server(self.ae.start_server(address, block=False, evt_handlers=handlers,
-                                                          contexts=self._contexts)))
+        self._servers.append(self._listen(address, handlers))
         tls = self.settings.tls
         if tls is not None:
             context = tls_server_context(tls.certificate, tls.private_key, tls.ca_certificates,
                                          tls.require_client_certificate)
-            self._servers.append(_server(
-                self.ae.start_server(
-                    (self.settings.host, tls.port), block=False, evt_handlers=handlers,
-                    ssl_context=context, contexts=self._contexts,
-                )
-            ))
+            self._servers.append(self._listen((self.settings.host, tls.port), handlers, context))
         LOG.info("listening on %s:%s as %s", self.settings.host, self.settings.port, self.settings.ae_title)
+
+    def _listen(self, address: tuple[str, int], handlers: list[Any],
+                ssl_context: ssl.SSLContext | None = None) -> ThreadedAssociationServer:
+        """``AE.start_server(block=False)``, with the server class chosen here: SO_REUSEPORT must be
+        set before the socket is bound, which happens in the server's constructor."""
+        server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context,
+                                     contexts=self._contexts,
+                                     server_class=ReusePortServer if self.reuse_port else ThreadedAssociationServer)
+        threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{address[1]}", daemon=True).start()
+        self.ae._servers.append(server)
+        return server
 
     def stop(self) -> None:
         for server in self._servers:
@@ -334,6 +341,8 @@ class Receiver:
             self.ledger.association_released(association_id)
             if self._on_released is not None:
                 self._on_released(association_id)
+        elif stored:
+            self.ledger.association_aborted(association_id)  # no longer holds others' releases back
 
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
@@ -418,9 +427,11 @@ class Receiver:
         return item, outcome
 
 
-def _server(server: ThreadedAssociationServer | None) -> ThreadedAssociationServer:
-    assert server is not None, "start_server(block=False) returns the server"
-    return server
+class ReusePortServer(ThreadedAssociationServer):
+    """A listener that shares its port with other processes (SO_REUSEPORT): the kernel spreads new
+    connections over them, so several receivers on one host use several cores."""
+
+    allow_reuse_port = True
 
 
 def _status(status: int, comment: str) -> Dataset:

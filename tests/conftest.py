@@ -57,7 +57,8 @@ def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
         "peers": [{"ae_title": "STORESCU", "hosts": ["127.0.0.1"]}, {"ae_title": "ECHOSCU"},
                   {"ae_title": "PYNETDICOM"}],
         "assembly": {"quiet_period_s": 0.5, "release_grace_s": 0.1},
-        "jobs": {"workers": 0, "poll_interval_s": 0.2, "backoff_base_s": 0.2},
+        # One job at a time in a thread of the test process: no worker process to spawn.
+        "jobs": {"workers": 1, "worker_kind": "thread", "poll_interval_s": 0.2, "backoff_base_s": 0.2},
         # Tests that exercise the console turn it on with a free port; others must not race for 8080.
         "admin": {"enabled": False},
     }
