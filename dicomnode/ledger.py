@@ -465,7 +465,9 @@ class Ledger:
         self.process_id = ""  # set by register_process; names this process in nodes and leases
         insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         self._insert_series = insert(series).on_conflict_do_nothing()
-        self._insert_instance = insert(instances).on_conflict_do_nothing()
+        # RETURNING says whether the row went in: an insert's rowcount is not reliable across drivers
+        # (psycopg through SQLAlchemy reports -1).
+        self._insert_instance = insert(instances).on_conflict_do_nothing().returning(instances.c.epoch)
         self._insert_association = insert(associations).on_conflict_do_nothing()
         self._insert_association_series = insert(association_series).on_conflict_do_nothing()
         self._insert_job = insert(jobs).on_conflict_do_nothing().returning(jobs.c.id)
@@ -579,8 +581,8 @@ class Ledger:
             "epoch": epoch,
             "instance_number": item.instance_number,
             "image_type": item.image_type,
-        }).rowcount
-        if not inserted:
+        }).first()
+        if inserted is None:
             # Another writer committed the same SOP Instance (under another series) meanwhile.
             first = conn.execute(_SELECT_INSTANCE_EPOCH, {"sop": item.sop_instance_uid}).one()
             return RecordOutcome(new=False, epoch=first.epoch, reopened=False, path=first.path)

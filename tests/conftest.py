@@ -116,3 +116,23 @@ def ct_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# --- PostgreSQL (tests/postgres.py): one throw-away cluster per session, one database per test ---
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    from postgres import Postgres
+
+    cluster = Postgres().init().start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    """The SQLAlchemy URL (Unix socket) of a new, empty database."""
+    return str(postgres.create_database())

@@ -29,6 +29,11 @@ BASELINE = "0001"  # the schema of release 0.1.0, which had no alembic_version t
 _LOCK_KEY = 0x6469636F6D6E  # "dicomn": the advisory lock every migrating process takes
 
 
+def ours(name: str | None, type_: str, _parent: object) -> bool:
+    """The engine's tables (Procrastinate) live in the same database but are not the ledger's."""
+    return not (type_ == "table" and (name or "").startswith("procrastinate_"))
+
+
 def alembic_config(connection: Connection | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(HERE))
@@ -62,7 +67,8 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
             before = current(conn)  # another process may have migrated while we waited
             if before is None and sa.inspect(conn).has_table("instances"):
-                command.stamp(alembic_config(conn), BASELINE)
+                command.stamp(alembic_config(conn), BASELINE)  # a ledger of release 0.1.0
+                before = BASELINE
             command.upgrade(alembic_config(conn), "head")
             after = current(conn)
     finally:

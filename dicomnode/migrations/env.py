@@ -7,11 +7,7 @@ import sqlalchemy as sa
 from alembic import context
 
 from dicomnode.ledger import metadata
-
-
-def ours(name: str | None, type_: str, _parent: object) -> bool:
-    """The engine's tables (Procrastinate) live in the same database but are not the ledger's."""
-    return not (type_ == "table" and (name or "").startswith("procrastinate_"))
+from dicomnode.migrations import ours
 
 
 def _run(connection: sa.engine.Connection) -> None:
