@@ -316,7 +316,9 @@ def _ledger_url(value: str) -> str:
         raise ValueError("names no database")
     if not url.host and not url.query.get("host"):
         raise ValueError("names no host: add @host or ?host=/path/of/the/socket/folder")
-    return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    if url.drivername == "postgresql":  # the psycopg 3 driver, whatever SQLAlchemy's default is
+        return "postgresql+psycopg" + value.strip()[len("postgresql"):]
+    return value.strip()
 
 
 class ClusterSettings(_Settings):

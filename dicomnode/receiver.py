@@ -431,7 +431,11 @@ class ReusePortServer(ThreadedAssociationServer):
     """A listener that shares its port with other processes (SO_REUSEPORT): the kernel spreads new
     connections over them, so several receivers on one host use several cores."""
 
-    allow_reuse_port = True
+    def server_bind(self) -> None:
+        # pynetdicom's server_bind ignores socketserver's allow_reuse_port: set it before it binds.
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 def _status(status: int, comment: str) -> Dataset:
