@@ -33,6 +33,7 @@ from dicomnode.models.qc import QcSettings
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "dicomnode.toml"
 ADMIN_TOKEN_ENV = "DICOMNODE_ADMIN_TOKEN"
+LEDGER_URL_ENV = "DICOMNODE_LEDGER_URL"  # overrides [cluster] ledger_url: keeps a password out of the file
 
 
 def _ae_title(value: str) -> str:
@@ -326,7 +327,7 @@ class ClusterSettings(_Settings):
 
     ledger_url: Annotated[str, AfterValidator(_ledger_url)] = Field(
         description="SQLAlchemy URL of the shared ledger, e.g. "
-        "postgresql+psycopg://dicomnode@/dicomnode?host=/run/postgresql"
+        f"postgresql+psycopg://dicomnode@/dicomnode?host=/run/postgresql; {LEDGER_URL_ENV} overrides it"
     )
     spool_root: Path = Field(description="the shared spool, mounted at the same path on every host")
     node_id: Annotated[str, AfterValidator(_node_id)] = Field(
@@ -339,6 +340,14 @@ class ClusterSettings(_Settings):
         "count as closed and its jobs run again",
     )
     queues: QueueNames = Field(default_factory=QueueNames)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ledger_url_from_environment(cls, data: Any) -> Any:
+        url = os.environ.get(LEDGER_URL_ENV)
+        if url and isinstance(data, dict):
+            return {**data, "ledger_url": url}
+        return data
 
     @model_validator(mode="after")
     def _heartbeats_fit(self) -> ClusterSettings:

@@ -9,6 +9,7 @@ process run last and start it again. Series are small: the point is who does wha
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,6 +287,66 @@ def test_receivers_share_a_port_and_both_take_associations(cluster: Cluster) -> 
     assert len(cluster.analyze_jobs(uid)) == 1
 
 
+def test_nodes_lists_every_receiver_and_worker(cluster: Cluster) -> None:
+    listed = subprocess.run([sys.executable, "-m", "dicomnode.cli", "nodes", "--config",
+                             str(cluster.members["rx1"].config)], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()[1:]}
+    for member in cluster.members.values():
+        assert member.proc is not None
+        row = rows[member.name]
+        assert row[1] == member.command and row[2] == "alive" and int(row[3]) == member.proc.pid
+    assert "worker [analyze-cpu,deliver]" in listed.stdout
+
+
+def test_worker_refuses_a_queue_that_is_not_configured(cluster: Cluster) -> None:
+    refused = subprocess.run([sys.executable, "-m", "dicomnode.cli", "worker", "--config",
+                              str(cluster.members["w1"].config), "--queues", "analyze-cpu,gpu"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "unknown queue(s) gpu (configured: analyze-cpu, deliver)"
+
+
+@pytest.mark.slow
+def test_analyzers_that_ask_for_a_gpu_go_to_the_gpu_queue(pg_url: str, tmp_path: Path) -> None:
+    """A model whose manifest says ``gpu = true`` gets its own analyze job on the GPU queue; the
+    CPU analyzers of the same series stay on the CPU queue. The reconciler defers both."""
+    shipped = Path(__file__).resolve().parent.parent / "dicomnode" / "models" / "shipped" / "demo_hyperdense"
+    model = tmp_path / "models" / "gpu-demo"
+    shutil.copytree(shipped, model)
+    manifest = (model / "manifest.toml").read_text()
+    (model / "manifest.toml").write_text(manifest.replace('name = "demo-hyperdense"', 'name = "gpu-demo"\ngpu = true'))
+    data = cluster_config(tmp_path, "rx", pg_url, tmp_path / "spool", 0, Orthanc(tmp_path / "orthanc"))
+    data["cluster"]["queues"] = {"analyze_gpu": "analyze-gpu"}
+    data["analysis"] = {"shipped_models": False, "model_dirs": [str(model)]}
+    data["rules"] = [{"name": "both", "match": {"modality": "CT"}, "then": {"analyzers": ["qc-ct", "gpu-demo"]}}]
+    node = Node(parse_config(data))
+    node.start()
+    try:
+        files = write_series(ct_series(3, 64, 64, seed="cluster-gpu"), tmp_path / "ct")
+        assert store_successes(storescu(node.receiver.ports[0], *files)) == 3
+        uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+        deadline = time.monotonic() + 60
+        while len(node.ledger.list_jobs(series_uid=uid)) < 2:
+            assert time.monotonic() < deadline, "the series was not completed"
+            time.sleep(0.1)
+        jobs = {tuple(j.payload["analyzers"]): j for j in node.ledger.list_jobs(series_uid=uid)}
+        assert {names: j.queue for names, j in jobs.items()} == {("qc-ct",): "analyze-cpu",
+                                                                 ("gpu-demo",): "analyze-gpu"}
+
+        def engine_queues() -> dict[str, str]:
+            with node.ledger.engine.connect() as conn:
+                rows = conn.execute(sa.text("SELECT queueing_lock, queue_name FROM procrastinate_jobs"))
+                return {str(r[0]): str(r[1]) for r in rows}
+
+        while len(engine_queues()) < 2:
+            assert time.monotonic() < deadline, "the jobs were not deferred to the engine"
+            time.sleep(0.1)
+        assert engine_queues() == {f"dicomnode-job-{j.id}": j.queue for j in jobs.values()}
+    finally:
+        node.stop()
+
+
 @pytest.mark.slow
 def test_pacs_down_then_up_every_result_delivered_once(cluster: Cluster, tmp_path: Path) -> None:
     """Scenario 5."""
@@ -447,3 +508,13 @@ def test_cluster_config_is_checked_with_one_line_per_problem(tmp_path: Path) -> 
     assert checked.stdout.strip().splitlines() == [
         f"{config}: cluster.ledger_url: 'postgres' is not supported: use postgresql+psycopg://user@host/db "
         "(or ...@/db?host=/run/postgresql for a Unix socket)"]
+
+
+def test_the_ledger_url_may_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "postgresql+psycopg://dicomnode:s3cret@db.example.org/dicomnode"
+    monkeypatch.setenv("DICOMNODE_LEDGER_URL", secret)
+    assert parse_config({"cluster": {"spool_root": "/srv/spool"}}).ledger_url == secret
+    monkeypatch.setenv("DICOMNODE_LEDGER_URL", "sqlite:///x")
+    with pytest.raises(ConfigError) as error:
+        parse_config({"cluster": {"spool_root": "/srv/spool"}})
+    assert error.value.problems[0].startswith("cluster.ledger_url: 'sqlite' is not supported")

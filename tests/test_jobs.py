@@ -125,3 +125,31 @@ def test_retry_settings_default_to_a_day_and_reject_negative_horizons() -> None:
     with pytest.raises(ConfigError) as error:
         parse_config({"jobs": {"retry_for_h": -1}})
     assert error.value.problems == ["jobs.retry_for_h: Input should be greater than or equal to 0"]
+
+
+def test_a_node_with_no_workers_runs_no_jobs_and_a_worker_process_runs_them(make_node: NodeFactory,
+                                                                           tmp_path: Path) -> None:
+    """``[jobs] workers = 0``: this process receives and completes series but runs no job; a
+    ``dicomnode worker`` on the same ledger (here in-process, receive=False) runs them."""
+    from conftest import base_config
+
+    from dicomnode.node import Node
+
+    receiver = make_node(jobs={"workers": 0}, rules=QC_ONLY)
+    files = write_series(ct_series(3, seed="no-workers"), tmp_path / "ct")
+    assert store_successes(storescu(receiver.port, *files)) == 3
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    wait_for(lambda: receiver.ledger.series_row(uid).state == SeriesState.QUEUED)
+    time.sleep(1.0)  # several dispatch periods: nobody here takes the job
+    assert [j.state for j in receiver.ledger.list_jobs(series_uid=uid)] == [JobState.QUEUED]
+
+    worker = Node(parse_config(base_config(tmp_path, rules=QC_ONLY)), receive=False)
+    worker.start()
+    try:
+        wait_for(lambda: receiver.ledger.series_row(uid).state == SeriesState.DONE)
+        job = receiver.ledger.list_jobs(series_uid=uid)[0]
+        assert job.state == JobState.SUCCEEDED and job.lease_owner is None
+        roles = {p.role for p in receiver.ledger.processes() if p.alive}
+        assert roles == {"serve", "worker"}
+    finally:
+        worker.stop()
