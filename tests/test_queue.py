@@ -139,9 +139,10 @@ def test_kill_9_while_job_runs_reruns_it_once_after_restart(tmp_path: Path) -> N
             proc.kill()
     # Its worker processes die with it (issue 10 item 2): none is left to finish the job late.
     survivors = wait_all_gone(family)
-    for pid, _ in survivors:
+    leftovers = [command_line(pid) for pid, _ in survivors]
+    for pid, _ in survivors:  # the test must not leave them running either
         os.kill(pid, signal.SIGKILL)
-    assert not survivors, [command_line(pid) for pid, _ in survivors]
+    assert not survivors, leftovers
     node = Node(parse_config({**data, "jobs": {**data["jobs"], "worker_kind": "thread"}}))
     node.start()
     try:

@@ -94,7 +94,10 @@ def test_kill_9_during_reception_loses_no_acknowledged_instance(tmp_path: Path, 
     assert len(acknowledged) >= kill_after
     assert family, "the node had started its worker processes"
     survivors = wait_all_gone(family)
-    assert not survivors, [command_line(pid) for pid, _ in survivors]
+    leftovers = [command_line(pid) for pid, _ in survivors]
+    for pid, _ in survivors:  # the test must not leave them running either
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, leftovers
 
     node = Node(parse_config({**data, "jobs": {**data["jobs"], "worker_kind": "thread"}}))
     report = node.reconcile()
