@@ -45,14 +45,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     try:
         node = Node(config, Path(args.config) if args.config else DEFAULT_CONFIG_PATH)
-    except SystemExit:
-        raise
     except Exception as exc:
         if config.cluster is None:
             raise
-        # The shared ledger is unreachable or cannot be migrated: one line, not a traceback.
-        print(f"cannot open the ledger {_safe_url(config.ledger_url)}: {_first_line(exc)}", file=sys.stderr)
-        return 1
+        return _ledger_unavailable(config, exc)
     stop = threading.Event()
 
     def _signal(signum: int, _frame: object) -> None:
@@ -108,10 +104,19 @@ def _open_ledger(config: Config) -> Ledger:
         raise SystemExit(f"cannot open the ledger {_safe_url(config.ledger_url)}: {_first_line(exc)}") from None
 
 
+def _ledger_unavailable(config: Config, exc: BaseException) -> int:
+    """The shared ledger is unreachable or cannot be migrated: one line, not a traceback."""
+    print(f"cannot open the ledger {_safe_url(config.ledger_url)}: {_first_line(exc)}", file=sys.stderr)
+    return 1
+
+
 def _safe_url(url: str) -> str:
+    """The URL without its password, as the operator wrote it (no percent-encoded socket path)."""
+    from urllib.parse import unquote
+
     from sqlalchemy.engine import make_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    return unquote(make_url(url).render_as_string(hide_password=True))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -478,7 +483,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if unknown:
             print(f"unknown queue(s) {', '.join(unknown)} (configured: {', '.join(known)})", file=sys.stderr)
             return 2
-        return run_worker(config, queues, args.concurrency)
+        import sqlalchemy.exc
+
+        try:
+            return run_worker(config, queues, args.concurrency)
+        except sqlalchemy.exc.OperationalError as exc:
+            return _ledger_unavailable(config, exc)
     from dicomnode.node import Node
 
     jobs = config.jobs.model_copy(update={"workers": args.concurrency or max(1, config.jobs.workers)})

@@ -242,9 +242,9 @@ class Node:
         orphans = 0
         # A shared spool holds files that other nodes linked a moment ago and are committing now:
         # only files older than that are orphans.
-        settled_before = time.time() - (60.0 if self.config.cluster is not None else 0.0)
+        settled_before = time.time() - 60.0 if self.config.cluster is not None else None
         for relative in sorted(on_disk - indexed_paths):
-            if settled_before and self._modified_after(relative, settled_before):
+            if settled_before is not None and self._modified_after(relative, settled_before):
                 continue
             try:
                 data = self.spool.read(relative)
