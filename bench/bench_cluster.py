@@ -131,9 +131,10 @@ class Processes:
         self.work = work
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, command: str, config: Path, name: str) -> subprocess.Popen[bytes]:
+    def start(self, command: str, config: Path, name: str, cpu: int | None = None) -> subprocess.Popen[bytes]:
         log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", command, "--config", str(config)],
+        pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+        proc = subprocess.Popen([*pin, sys.executable, "-m", "dicomnode.cli", command, "--config", str(config)],
                                 stdout=log, stderr=subprocess.STDOUT, env=ENV)
         self.procs.append(proc)
         return proc
@@ -192,7 +193,7 @@ def send(port: int, files: list[Path], parallel: int) -> float:
 # --- analyze -----------------------------------------------------------------------------------------
 
 
-def analyze_run(pg: Postgres, work: Path, folders: list[Path], workers: int) -> dict[str, Any]:
+def analyze_run(pg: Postgres, work: Path, folders: list[Path], workers: int, pinned: bool = False) -> dict[str, Any]:
     url = pg.create_database("bench_analyze")
     pacs = Orthanc(work / "orthanc").start()
     procs = Processes(work)
@@ -210,7 +211,7 @@ def analyze_run(pg: Postgres, work: Path, folders: list[Path], workers: int) -> 
         started = time.time()
         for i in range(workers):
             cfg = node_config(work, f"w{i}-{workers}", 0, url=url, spool=spool, pacs=pacs, jobs={"workers": 1})
-            procs.start("worker", cfg, f"w{i}-{workers}")
+            procs.start("worker", cfg, f"w{i}-{workers}", cpu=i % (os.cpu_count() or 1) if pinned else None)
 
         def finished() -> bool:
             analyses = ledger.list_jobs(kind=JobKind.ANALYZE)
@@ -225,7 +226,7 @@ def analyze_run(pg: Postgres, work: Path, folders: list[Path], workers: int) -> 
         last = max(j.finished_at or 0 for j in analyses)
         per_job = [float(j.outcome.get("worker_s", 0)) for j in analyses]
         span = last - first
-        return {"workers": workers, "series": len(folders), "analysis_span_s": round(span, 2),
+        return {"workers": workers, "pinned": pinned, "series": len(folders), "analysis_span_s": round(span, 2),
                 "analyses_per_min": round(len(folders) / span * 60, 2),
                 "wall_to_all_delivered_s": round(wall, 2), "in_orthanc": pacs.count(),
                 "job_worker_s_median": round(statistics.median(per_job), 2),
@@ -241,19 +242,24 @@ def analyze_mode(args: argparse.Namespace, pg: Postgres, cache: Path, work: Path
     folders = [series_folder(cache, args.slices, 512, f"cluster-{i}", False) for i in range(args.series)]
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
+    # Pinned: each worker process restricted to one core (taskset), so that a second worker gets a
+    # core of its own instead of sharing both with the first (one analysis alone uses every core).
+    configs = [(1, False), (2, False)] + ([(1, True), (2, True)] if args.pin else [])
     for rep in range(args.reps):
-        for workers in ((1, 2) if rep % 2 == 0 else (2, 1)):
-            result = analyze_run(pg, work, folders, workers)
-            print(f"analyze: {workers} worker(s): {result['analyses_per_min']} analyses/min "
-                  f"(span {result['analysis_span_s']} s, all delivered after {result['wall_to_all_delivered_s']} s)",
-                  flush=True)
+        for workers, pinned in (configs if rep % 2 == 0 else list(reversed(configs))):
+            result = analyze_run(pg, work, folders, workers, pinned)
+            print(f"analyze: {workers} worker(s){' pinned' if pinned else ''}: {result['analyses_per_min']} "
+                  f"analyses/min (span {result['analysis_span_s']} s, all delivered after "
+                  f"{result['wall_to_all_delivered_s']} s)", flush=True)
             runs.append(result)
     summary = {}
-    for workers in (1, 2):
-        rates = [r["analyses_per_min"] for r in runs if r["workers"] == workers]
-        summary[workers] = statistics.median(rates)
-    return {"runs": runs, "median_analyses_per_min": summary,
-            "ratio_2_to_1": round(summary[2] / summary[1], 2), "load_before": load_before,
+    for workers, pinned in configs:
+        rates = [r["analyses_per_min"] for r in runs if r["workers"] == workers and r["pinned"] == pinned]
+        summary[f"{workers}{'-pinned' if pinned else ''}"] = statistics.median(rates)
+    ratios = {"2_to_1": round(summary["2"] / summary["1"], 2)}
+    if args.pin:
+        ratios["2_to_1_pinned"] = round(summary["2-pinned"] / summary["1-pinned"], 2)
+    return {"runs": runs, "median_analyses_per_min": summary, "ratios": ratios, "load_before": load_before,
             "load_after": os.getloadavg()}
 
 
@@ -329,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--series", type=int, default=10)
     parser.add_argument("--slices", type=int, default=100, help="slices per analysed head CT")
     parser.add_argument("--ingest-slices", type=int, default=200)
+    parser.add_argument("--pin", action="store_true", help="also run workers pinned to one core each")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dicomnode-bench-cache")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)

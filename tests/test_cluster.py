@@ -297,6 +297,26 @@ def test_nodes_lists_every_receiver_and_worker(cluster: Cluster) -> None:
         row = rows[member.name]
         assert row[1] == member.command and row[2] == "alive" and int(row[3]) == member.proc.pid
     assert "worker [analyze-cpu,deliver]" in listed.stdout
+    # The other commands read the shared ledger too: the series of the scenarios above.
+    series = subprocess.run([sys.executable, "-m", "dicomnode.cli", "series", "--config",
+                             str(cluster.members["rx2"].config)], capture_output=True, text=True, timeout=60)
+    assert series.returncode == 0, series.stderr
+    assert [line.split()[0] for line in series.stdout.splitlines()[1:]] == [
+        s.state for s in cluster.ledger.recent_series()] != []
+
+
+def test_an_unreachable_ledger_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "cluster.toml"
+    config.write_text(tomlkit.dumps(base_config(tmp_path, cluster={
+        "ledger_url": f"postgresql+psycopg://postgres@/none?host={tmp_path / 'no-socket'}",
+        "spool_root": str(tmp_path / "spool")})))
+    for command in ("serve", "worker", "db"):
+        args = ["db", "upgrade"] if command == "db" else [command]
+        started = subprocess.run([sys.executable, "-m", "dicomnode.cli", *args, "--config", str(config)],
+                                 capture_output=True, text=True, timeout=120)
+        assert started.returncode == 1, started.stderr
+        lines = started.stderr.strip().splitlines()
+        assert len(lines) == 1 and "postgresql+psycopg://postgres@/none" in lines[0], started.stderr
 
 
 def test_worker_refuses_a_queue_that_is_not_configured(cluster: Cluster) -> None:
