@@ -133,7 +133,7 @@ class Cluster:
                 assert time.monotonic() < deadline, f"{member.name} did not start:\n{member.tail()}"
                 time.sleep(0.2)
 
-    def wait(self, predicate: Callable[[], Any], what: str, timeout: float = 120) -> Any:
+    def wait(self, predicate: Callable[[], Any], what: str, timeout: float = 120, poll: float = 0.2) -> Any:
         deadline = time.monotonic() + timeout
         while True:
             value = predicate()
@@ -141,7 +141,7 @@ class Cluster:
                 return value
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
-            time.sleep(0.2)
+            time.sleep(poll)
 
     def series_done(self, uid: str, epoch: int = 1) -> bool:
         row = self.ledger.series_row(uid)
@@ -442,7 +442,7 @@ def test_kill_9_of_a_worker_while_its_job_runs(cluster: Cluster) -> None:
         jobs = cluster.ledger.list_jobs(kind=JobKind.ANALYZE, series_uid=uid, states=[JobState.RUNNING])
         return jobs[0].lease_owner if jobs else None
 
-    owner = cluster.wait(running_owner, "the analysis to start", timeout=60)
+    owner = cluster.wait(running_owner, "the analysis to start", timeout=60, poll=0.01)
     pid = int(owner.split(":")[1])
     victim = next(m for m in cluster.members.values() if m.proc is not None and m.proc.pid == pid)
     assert victim.command == "worker"
