@@ -90,7 +90,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     path = find_config(args.config)
     config = load_config(path)
-    node = Node(config, path)
+    try:
+        node = Node(config, path)
+    except Exception as exc:
+        if config.cluster is None:
+            raise
+        return _ledger_unavailable(config, exc)
     stop = threading.Event()
 
     def _signal(signum: int, _frame: object) -> None:
@@ -132,13 +137,43 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def _ledger(args: argparse.Namespace) -> Any:
+    return _open_ledger(_load(args.config))
+
+
+def _open_ledger(config: Config) -> Ledger:
+    """The ledger the node of ``config`` uses: the shared one in cluster mode."""
     from dicomnode.ledger import Ledger
 
-    config = _load(args.config)
-    path = config.node.data_dir.resolve() / "ledger.sqlite3"
-    if not path.exists():
-        raise SystemExit(f"no ledger at {path}: has the node run with this config?")
-    return Ledger.sqlite(str(path))
+    if config.cluster is None:
+        path = config.node.data_dir.resolve() / "ledger.sqlite3"
+        if not path.exists():
+            raise SystemExit(f"no ledger at {path}: has the node run with this config?")
+    from dicomnode.cluster import heartbeat_settings
+
+    try:
+        return Ledger(config.ledger_url, dead_after_s=heartbeat_settings(config)[1])
+    except Exception as exc:  # unreachable database: one line, not a traceback
+        raise SystemExit(f"cannot open the ledger {_safe_url(config.ledger_url)}: {_first_line(exc)}") from None
+
+
+def _ledger_unavailable(config: Config, exc: BaseException) -> int:
+    """The shared ledger is unreachable or cannot be migrated: one line, not a traceback."""
+    print(f"cannot open the ledger {_safe_url(config.ledger_url)}: {_first_line(exc)}", file=sys.stderr)
+    return 1
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, as the operator wrote it (no percent-encoded socket path)."""
+    from urllib.parse import unquote
+
+    from sqlalchemy.engine import make_url
+
+    return unquote(make_url(url).render_as_string(hide_password=True))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _when(ts: float | None) -> str:
@@ -431,13 +466,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"node {config.node.ae_title}: not reachable on admin port {config.admin.port} ({exc})")
         exit_code = 1
     path = config.node.data_dir.resolve() / "ledger.sqlite3"
-    if not path.exists():
+    if config.cluster is None and not path.exists():
         print(f"no ledger at {path}")
         return 1
     from dicomnode.domain import JobKind, JobState
-    from dicomnode.ledger import Ledger
 
-    ledger = Ledger.sqlite(str(path))
+    ledger = _open_ledger(config)
     try:
         counts = ledger.job_counts()
         print(f"instances stored: {ledger.count_instances()}")
@@ -486,6 +520,88 @@ def _job_id(text: str) -> int:
 
 def _limit(text: str) -> int:
     return _bounded_int(text, 1, 100_000, "--limit")
+
+
+# --- cluster: db, worker, nodes (docs: README "Scaling out") ------------------------------------
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """Create or upgrade the ledger schema (Alembic), then say which revision it is at."""
+    from dicomnode.ledger import Ledger
+    from dicomnode.migrations import head
+
+    config = _load(args.config)
+    if config.cluster is None:
+        config.node.data_dir.resolve().mkdir(parents=True, exist_ok=True)
+    try:
+        from dicomnode.migrations import upgrade
+
+        ledger = Ledger(config.ledger_url, migrate=False)
+        try:
+            before, after = upgrade(ledger.engine)
+        finally:
+            ledger.close()
+    except Exception as exc:
+        print(f"cannot upgrade {_safe_url(config.ledger_url)}: {_first_line(exc)}", file=sys.stderr)
+        return 1
+    where = _safe_url(config.ledger_url)
+    if before == after:
+        print(f"{where}: at revision {after} (newest: {head()}), nothing to do")
+    else:
+        print(f"{where}: upgraded from {before or 'an empty database'} to revision {after}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run jobs only: a Procrastinate worker in cluster mode, else local workers on the ledger."""
+    config = _load(args.config)
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
+    if config.cluster is not None:
+        from dicomnode.cluster import run_worker
+
+        known = config.cluster.queues.all()
+        unknown = [q for q in queues or [] if q not in known]
+        if unknown:
+            print(f"unknown queue(s) {', '.join(unknown)} (configured: {', '.join(known)})", file=sys.stderr)
+            return 2
+        import sqlalchemy.exc
+
+        try:
+            return run_worker(config, queues, args.concurrency)
+        except sqlalchemy.exc.OperationalError as exc:
+            return _ledger_unavailable(config, exc)
+    from dicomnode.node import Node
+
+    jobs = config.jobs.model_copy(update={"workers": args.concurrency or max(1, config.jobs.workers)})
+    node = Node(config.model_copy(update={"jobs": jobs}), receive=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    node.start()
+    print(f"dicomnode worker {node.node_id} ({node.ledger.process_id}): {jobs.workers} local worker(s) "
+          f"on {_safe_url(config.ledger_url)}", flush=True)
+    stop.wait()
+    node.stop()
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    """One line per receiver and worker process: node id, heartbeat, what it is running."""
+    import datetime as dt
+
+    ledger = _ledger(args)
+    try:
+        rows = ledger.processes(recent_s=args.recent_h * 3600)
+        now = ledger.now()
+    finally:
+        ledger.close()
+    print(f"{'NODE':24} {'ROLE':7} {'STATE':8} {'PID':>7} {'STARTED':19} {'HEARTBEAT':>9}  RUNNING")
+    for p in rows:
+        state = "stopped" if p.stopped_at is not None else "alive" if p.alive else "dead"
+        started = dt.datetime.fromtimestamp(p.started_at).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{p.node_id[:24]:24} {p.role:7} {state:8} {p.pid:>7} {started:19} "
+              f"{now - p.heartbeat_at:>7.1f}s  {p.running}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -565,6 +681,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="node health, queue depth, dead letters")
     p.add_argument("--config")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("db", help="ledger schema: db upgrade creates or upgrades it (Alembic)")
+    p.add_argument("action", choices=["upgrade"])
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("worker", help="run jobs only (cluster: a Procrastinate worker)")
+    p.add_argument("--config")
+    p.add_argument("--queues", help="comma-separated queues (default: all configured)")
+    p.add_argument("--concurrency", type=int, help="jobs at once (default: [jobs] workers)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("nodes", help="receivers and workers of this ledger, with their heartbeats")
+    p.add_argument("--recent-h", type=float, default=1.0, help="also list processes stopped this recently")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_nodes)
 
     p = sub.add_parser("conformance", help="print the DICOM Conformance Statement generated from the code")
     p.add_argument("--config", help="config file whose values to state (default: the built-in defaults)")

@@ -49,6 +49,7 @@ NO_CONFIG_FILE_HINT = (
     f"never edited: write a config of your own with `dicomnode init` (./{LOCAL_CONFIG_NAME}) or "
     f"`dicomnode init PATH` plus {CONFIG_ENV}=PATH or --config PATH, then restart the node"
 )
+LEDGER_URL_ENV = "DICOMNODE_LEDGER_URL"  # overrides [cluster] ledger_url: keeps a password out of the file
 
 
 def _ae_title(value: str) -> str:
@@ -297,12 +298,129 @@ class AssemblySettings(_Settings):
 
 
 class JobsSettings(_Settings):
-    workers: int = Field(default=1, ge=0, le=64, description="analysis worker processes")
-    lease_s: float = Field(default=900.0, gt=0)
-    max_attempts: int = Field(default=5, ge=1)
+    workers: int = Field(
+        default=1, ge=0, le=64,
+        description="analysis workers of this process; 0: this process runs no jobs (another process "
+        "does: `dicomnode worker`)",
+    )
+    worker_kind: Literal["process", "thread"] = Field(
+        default="process",
+        description="process: analyses run in worker processes that die with the node; thread: in "
+        "threads of the node process (tests, tiny sites: a crashing analyzer takes the node down)",
+    )
+    lease_s: float = Field(
+        default=900.0, gt=0,
+        description="a running job whose owner stopped renewing it (heartbeats) for this long runs again",
+    )
+    max_attempts: int = Field(
+        default=5, ge=1,
+        description="attempts after unexpected errors (neither transient nor permanent) or worker deaths",
+    )
+    retry_for_h: float = Field(
+        default=24.0, ge=0,
+        description="transient failures (destination down, 0xA7xx) are retried with capped exponential "
+        "backoff for this many hours after the first failure, then dead-lettered; 0: never retried",
+    )
     backoff_base_s: float = Field(default=5.0, gt=0)
     backoff_max_s: float = Field(default=900.0, gt=0)
     poll_interval_s: float = Field(default=1.0, gt=0)
+
+
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_QUEUE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def _node_id(value: str) -> str:
+    if value and not _NODE_ID.fullmatch(value):
+        raise ValueError(f"{value!r} is not a node id (letters, digits, '.', '_', '-'; at most 100)")
+    return value
+
+
+def _queue_name(value: str) -> str:
+    if value and not _QUEUE_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a queue name (lower-case letters, digits, '.', '_', '-')")
+    return value
+
+
+QueueName = Annotated[str, AfterValidator(_queue_name)]
+
+
+class QueueNames(_Settings):
+    """The Procrastinate queue of each job kind. Workers choose queues with ``--queues``."""
+
+    analyze: QueueName = "analyze-cpu"
+    analyze_gpu: QueueName = Field(
+        default="",
+        description="queue for analyzers whose manifest asks for a GPU (`gpu = true`); empty: they "
+        "stay on the analyze queue",
+    )
+    deliver: QueueName = "deliver"
+
+    @model_validator(mode="after")
+    def _required(self) -> QueueNames:
+        for name in ("analyze", "deliver"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: must not be empty")
+        return self
+
+    def all(self) -> list[str]:
+        names = [getattr(self, field) for field in type(self).model_fields]
+        return sorted({n for n in names if n})
+
+
+def _ledger_url(value: str) -> str:
+    """A SQLAlchemy URL of a PostgreSQL database reached through psycopg 3."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError) as exc:
+        raise ValueError(f"not a database URL: {exc}") from None
+    if url.drivername not in ("postgresql+psycopg", "postgresql"):
+        raise ValueError(f"{url.drivername!r} is not supported: use postgresql+psycopg://user@host/db "
+                         "(or ...@/db?host=/run/postgresql for a Unix socket)")
+    if not url.database:
+        raise ValueError("names no database")
+    if not url.host and not url.query.get("host"):
+        raise ValueError("names no host: add @host or ?host=/path/of/the/socket/folder")
+    if url.drivername == "postgresql":  # the psycopg 3 driver, whatever SQLAlchemy's default is
+        return "postgresql+psycopg" + value.strip()[len("postgresql"):]
+    return value.strip()
+
+
+class ClusterSettings(_Settings):
+    """Cluster mode: a shared PostgreSQL ledger, a shared spool, Procrastinate workers."""
+
+    ledger_url: Annotated[str, AfterValidator(_ledger_url)] = Field(
+        description="SQLAlchemy URL of the shared ledger, e.g. "
+        f"postgresql+psycopg://dicomnode@/dicomnode?host=/run/postgresql; {LEDGER_URL_ENV} overrides it"
+    )
+    spool_root: Path = Field(description="the shared spool, mounted at the same path on every host")
+    node_id: Annotated[str, AfterValidator(_node_id)] = Field(
+        default="", description="names this receiver or worker; default: host name and DICOM port"
+    )
+    heartbeat_s: float = Field(default=5.0, gt=0, le=300)
+    dead_after_s: float = Field(
+        default=30.0, gt=0,
+        description="a process without a heartbeat for this long counts as dead: its open associations "
+        "count as closed and its jobs run again",
+    )
+    queues: QueueNames = Field(default_factory=QueueNames)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ledger_url_from_environment(cls, data: Any) -> Any:
+        url = os.environ.get(LEDGER_URL_ENV)
+        if url and isinstance(data, dict):
+            return {**data, "ledger_url": url}
+        return data
+
+    @model_validator(mode="after")
+    def _heartbeats_fit(self) -> ClusterSettings:
+        if self.dead_after_s <= 2 * self.heartbeat_s:
+            raise ValueError("dead_after_s must be more than twice heartbeat_s")
+        return self
 
 
 class AnalysisSettings(_Settings):
@@ -374,6 +492,7 @@ class Config(_Settings):
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    cluster: ClusterSettings | None = None
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -387,6 +506,13 @@ class Config(_Settings):
             if peer.ae_title == ae_title.strip():
                 return peer
         return None
+
+    @property
+    def ledger_url(self) -> str:
+        """The shared ledger in cluster mode, else the embedded SQLite file in ``node.data_dir``."""
+        if self.cluster is not None:
+            return self.cluster.ledger_url
+        return f"sqlite:///{self.node.data_dir.resolve() / 'ledger.sqlite3'}"
 
     @property
     def admin_token(self) -> str | None:

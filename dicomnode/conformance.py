@@ -952,8 +952,9 @@ Association-level outcomes: a connection failure, timeout, abort or A-ASSOCIATE-
 (transient) is retried; an A-ASSOCIATE-RJ with result 1 (permanent) or an association on which the
 destination accepted no presentation context for the object's SOP class makes the delivery a dead
 letter. Retries use exponential backoff from `jobs.backoff_base_s` ({jobs.backoff_base_s:g} s) up
-to `jobs.backoff_max_s` ({jobs.backoff_max_s:g} s); after `jobs.max_attempts` ({jobs.max_attempts})
-attempts the delivery becomes a dead letter. The association is released after the C-STORE response.
+to `jobs.backoff_max_s` ({jobs.backoff_max_s:g} s) for `jobs.retry_for_h` ({jobs.retry_for_h:g} h)
+after the first failure; then the delivery becomes a dead letter. The association is released after
+the C-STORE response.
 
 Table 8. Handling of C-STORE response statuses (`sender.classify`; warnings counted as success by
 default: {warnings}, configurable per destination as `warning_is_success`)

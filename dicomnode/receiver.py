@@ -201,8 +201,10 @@ class Receiver:
         audit: Audit,
         on_stored: StoredCallback | None = None,
         on_released: Callable[[str], None] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port  # cluster: several receiver processes share the DICOM port
         self.spool = spool
         self.ledger = ledger
         self.audit = audit
@@ -268,13 +270,14 @@ class Receiver:
         server = self.ae.make_server(
             (self.settings.host, port), evt_handlers=handlers, contexts=self._contexts,
             ssl_context=ssl_context, server_class=EdgeServer, admission=self._admission,
-            on_refused=self._on_connection_refused,
+            on_refused=self._on_connection_refused, reuse_port=self.reuse_port,
         )
         assert isinstance(server, EdgeServer)
         thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True)
         thread.start()
         self.ae._servers.append(server)  # what AE.start_server does; server.shutdown() removes it
         return server
+
 
     def stop(self) -> None:
         for server in self._servers:
@@ -385,6 +388,11 @@ class Receiver:
                     self._on_released(association_id)
                 except Exception:
                     LOG.exception("release hint for association %s failed", association_id)
+        elif stored:
+            try:  # no longer holds other associations' releases back
+                self.ledger.association_aborted(association_id)
+            except Exception:
+                LOG.exception("could not record the abort of association %s", association_id)
 
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000

@@ -252,7 +252,9 @@ class EdgeServer(ThreadedAssociationServer):
         *,
         admission: Admission,
         on_refused: RefusedCallback | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        self.reuse_port = reuse_port  # several processes share the port; the kernel spreads connections
         self.admission = admission  # may be shared by several listeners (plain and TLS)
         self.limits = admission.limits
         self._on_refused = on_refused
@@ -265,8 +267,10 @@ class EdgeServer(ThreadedAssociationServer):
     def server_bind(self) -> None:
         """pynetdicom's bind (SO_REUSEADDR, listening timeout = network timeout), then a
         non-blocking listening socket: a connection reset between ``select`` and ``accept`` must
-        not stall the accept loop for the network timeout. (A ``reuse_port`` option for several
-        receiver processes would set SO_REUSEPORT here, before the bind.)"""
+        not stall the accept loop for the network timeout. With ``reuse_port``, SO_REUSEPORT is set
+        before the bind (pynetdicom's bind ignores socketserver's ``allow_reuse_port``)."""
+        if self.reuse_port:
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
         cast(socket.socket, self.socket).setblocking(False)
 

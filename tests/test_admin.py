@@ -177,7 +177,7 @@ def test_dead_letter_replay_and_destination_echo_and_cli(admin_node: AdminNodeFa
     succeeds and a replay delivers. The CLI sees the same state."""
     pacs_port = free_port()
     node = admin_node(destinations={"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
-                      jobs={"max_attempts": 1})
+                      jobs={"max_attempts": 1, "retry_for_h": 0})
     assert node.config_path is not None
     config = str(node.config_path)
     files = write_series(ct_series(6, seed="admin-dead"), tmp_path / "ct")
