@@ -17,7 +17,7 @@ from conftest import NodeFactory, store_successes, storescu
 from orthanc import Orthanc
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from synthetic import ct_series, write_series
-from test_receiver import _make_pki as make_pki
+from pki import make_pki
 from test_recovery import free_port, start_serving, write_config
 
 from dicomnode.config import Destination, parse_config
