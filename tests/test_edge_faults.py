@@ -73,7 +73,8 @@ def test_idle_and_half_open_sockets_block_nobody_and_are_closed_by_the_timeouts(
     try:
         for i, sock in enumerate(sockets):
             if i % 2:
-                sock.sendall(HALF_OPEN_RQ)  # the others stay silent
+                with contextlib.suppress(OSError):  # those over the per-host cap are reset already
+                    sock.sendall(HALF_OPEN_RQ)  # the others stay silent
         time.sleep(0.3)
         assert ECHO_OK in _echo(node.port)
         # The configured timeouts close every one of them (slack for a loaded CI machine).
