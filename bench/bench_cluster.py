@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="dicomnode-bench-cluster-"))
-    pg = Postgres().init().start()
+    pg = Postgres(durable=True).init().start()
     result: dict[str, Any] = {"machine": machine()}
     try:
         if args.mode in ("ingest", "all"):
