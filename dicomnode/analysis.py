@@ -25,11 +25,21 @@ from pydicom.dataset import Dataset
 from dicomnode.assembly import close_epoch_if_done
 from dicomnode.audit import Audit
 from dicomnode.config import AnalysisSettings
-from dicomnode.domain import AnalyzerKind, Findings, FindingsStatus, JobKind, ResultObject, Volume
+from dicomnode.domain import (
+    AnalyzerKind,
+    Finding,
+    Findings,
+    FindingsStatus,
+    JobKind,
+    JobState,
+    ResultObject,
+    Volume,
+)
 from dicomnode.errors import AnalyzerUnavailable, Permanent, Transient
 from dicomnode.jobs import JobQueue
 from dicomnode.ledger import JobRow, Ledger
 from dicomnode.models import Registry, build_registry
+from dicomnode.notify import Notifier, reports_from_outcome
 from dicomnode.spool import Spool
 
 LOG = logging.getLogger(__name__)
@@ -58,6 +68,7 @@ class AnalyzerOutcome:
     duration_s: float
     findings: list[dict[str, Any]] = field(default_factory=list)
     build_s: float = 0.0  # encoding the findings as SR (and SEG)
+    not_for_clinical_use: bool = True
 
 
 @dataclass(frozen=True)
@@ -231,8 +242,8 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
             analyzer=name, version=findings.version, kind=str(findings.kind), status=str(findings.status),
             priority=findings.priority.name.lower() if findings.priority is not None else None,
             error=findings.error, duration_s=round(duration, 3), build_s=round(time.perf_counter() - t1, 3),
-            findings=[{"type": f.finding_type.meaning, "present": f.present,
-                       "probability": f.probability} for f in findings.findings],
+            findings=[_finding_summary(f, volume) for f in findings.findings],
+            not_for_clinical_use=findings.not_for_clinical_use,
         ))
 
     if parallel > 1:
@@ -254,17 +265,32 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
                            len(task.paths), round(time.perf_counter() - started, 3))
 
 
+def _finding_summary(finding: Finding, volume: Volume | None) -> dict[str, Any]:
+    """What the ledger keeps of a finding: its code and verdict, and the source slices its mask
+    touches (SOP Instance UIDs, for a Key Object that flags them)."""
+    slices: list[str] = []
+    if finding.mask is not None and volume is not None and len(volume.headers) == finding.mask.array.shape[0]:
+        import numpy as np
+
+        touched = np.flatnonzero(finding.mask.array.reshape(finding.mask.array.shape[0], -1).any(axis=1))
+        slices = [str(volume.headers[int(k)].SOPInstanceUID) for k in touched]
+    code = finding.finding_type
+    return {"type": code.meaning, "code": [code.value, code.scheme, code.meaning], "present": finding.present,
+            "probability": finding.probability, "slices": slices}
+
+
 class AnalyzeHandler:
     kind = JobKind.ANALYZE
     in_process = False
 
     def __init__(self, ledger: Ledger, spool: Spool, queue: JobQueue, settings: AnalysisSettings,
-                 audit: Audit) -> None:
+                 audit: Audit, notifier: Notifier | None = None) -> None:
         self.ledger = ledger
         self.spool = spool
         self.queue = queue
         self.settings = settings
         self.audit = audit
+        self.notifier = notifier
 
     def prepare(self, job: JobRow) -> AnalysisTask:
         rows = self.ledger.instance_rows(job.series_instance_uid, max_epoch=job.epoch)
@@ -300,6 +326,7 @@ class AnalyzeHandler:
     run = staticmethod(run_analysis)
 
     def finish(self, job: JobRow, outcome: AnalysisOutcome) -> None:
+        built_at = time.time()  # the results exist from here; time to notification counts from it
         destinations: list[str] = list(job.payload.get("destinations", []))
         written: list[tuple[ResultObject, str]] = []
         for obj in outcome.results:
@@ -308,6 +335,7 @@ class AnalyzeHandler:
             self.spool.write(relative, obj.data)  # False on a re-run: same UID, first copy kept
             written.append((obj, relative))
         summaries = {o.analyzer: o for o in outcome.analyzers}
+        recorded: list[dict[str, Any]] = []
         with self.ledger.transaction() as conn:
             for obj, relative in written:
                 o = summaries.get(obj.analyzer)
@@ -320,12 +348,19 @@ class AnalyzeHandler:
                     summary=_json({"status": o.status, "priority": o.priority, "error": o.error,
                                    "findings": o.findings} if o else {}),
                 )
+                recorded.append({"analyzer": obj.analyzer, "kind": obj.kind, "sop_class_uid": obj.sop_class_uid,
+                                 "sop_instance_uid": obj.sop_instance_uid,
+                                 "series_instance_uid": obj.series_instance_uid})
                 for destination in destinations:
                     self.queue.enqueue(
                         conn, JobKind.DELIVER, series_uid=job.series_instance_uid, epoch=job.epoch,
                         payload={"result_id": result_id, "destination": destination},
                         priority=job.priority, dedup_key=f"deliver:{obj.sop_instance_uid}:{destination}",
                     )
+            if self.notifier is not None:
+                # Same transaction as the results: an event exists exactly when its results do.
+                self.notifier.record_analysis(conn, job, reports_from_outcome(outcome.analyzers), recorded,
+                                              built_at)
             if not self.queue.complete(conn, job, {
                 "analyzers": [o.__dict__ for o in outcome.analyzers],
                 "volume_problems": list(outcome.volume_problems),
@@ -343,6 +378,12 @@ class AnalyzeHandler:
         self.queue.on_enqueued()
 
     def on_failed(self, job: JobRow) -> None:
+        current = self.ledger.job(job.id)
+        if self.notifier is not None and current is not None and current.state == JobState.DEAD:
+            # No findings at all: silence must not read as "negative".
+            with self.ledger.transaction() as conn:
+                self.notifier.record_dead_analysis(conn, current)
+            self.queue.on_enqueued()
         close_epoch_if_done(self.ledger, job.series_instance_uid, job.epoch)
 
 

@@ -19,10 +19,12 @@ from dicomnode.assembly import Assembly
 from dicomnode.audit import Audit
 from dicomnode.config import Config, Peer
 from dicomnode.domain import JobState, SeriesState, StoredInstance
+from dicomnode.errors import AnalyzerUnavailable
 from dicomnode.jobs import JobQueue, LocalExecutor
 from dicomnode.ledger import Ledger, RecordOutcome
 from dicomnode.metrics import Metrics
 from dicomnode.models import build_registry
+from dicomnode.notify import Notifier, NotifyHandler
 from dicomnode.receiver import Receiver, parse_header, routing_fields
 from dicomnode.sender import DeliverHandler
 from dicomnode.spool import Spool
@@ -56,10 +58,13 @@ class Node:
         self.registry = build_registry(config.analysis)
         self.queue = JobQueue(self.ledger, config.jobs, self.audit)
         self.assembly = Assembly(config, self.ledger, self.queue, self.registry.default_for)
+        self.notifier = Notifier(self.ledger, self.queue, config.notify, self._analyzer_info)
         self.executor = LocalExecutor(
             self.queue,
             [
-                AnalyzeHandler(self.ledger, self.spool, self.queue, config.analysis, self.audit),
+                AnalyzeHandler(self.ledger, self.spool, self.queue, config.analysis, self.audit, self.notifier),
+                # Before deliveries: the I/O threads take notifications first, they are the urgent part.
+                NotifyHandler(self.ledger, self.spool, self.queue, config, self.audit),
                 DeliverHandler(self.ledger, self.spool, self.queue, config.destinations,
                                config.node.ae_title, self.audit),
             ],
@@ -87,6 +92,9 @@ class Node:
         released = self.queue.release_stale_leases()
         if released:
             self.audit.log("jobs.resumed", jobs=released)
+        failures = self.notifier.reconcile()
+        if failures:
+            self.audit.log("events.reconciled", events=failures)
         self.receiver.start()
         self.executor.start()
         # The scheduler is only a clock: the sweep re-reads the ledger, so a lost timer costs a
@@ -125,6 +133,14 @@ class Node:
             return
         self.admin = admin
         self.audit.log("admin.started", url=admin.url)
+
+    def _analyzer_info(self, name: str) -> tuple[str, str] | None:
+        """(kind, version) of an analyzer in the registry, for events about jobs that produced nothing."""
+        try:
+            spec = self.registry.spec(name)
+        except AnalyzerUnavailable:
+            return None
+        return str(spec.kind), spec.version
 
     def update_peers(self, peers: list[Peer]) -> None:
         self.receiver.update_peers(peers)
