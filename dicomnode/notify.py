@@ -521,7 +521,7 @@ def oru_r01(event: Event, subject: Subject, channel: Hl7Channel, sender: str) ->
     if event.detail.get("not_for_clinical_use", True) or test:
         notes.append(disclaimer(event) if not test else f"{DISCLAIMER}: test message.")
     segments.extend(_segment("NTE", str(i), "L", hl7_text(n, 65536)) for i, n in enumerate(notes, start=1))
-    return Hl7Message(event.id, "ORU^R01", "\r".join(segments))
+    return Hl7Message(event.id, "ORU^R01", "\r".join(segments) + "\r")  # every segment ends with CR
 
 
 def omi_o23(event: Event, subject: Subject, channel: Hl7Channel, sender: str) -> Hl7Message:
@@ -547,7 +547,7 @@ def omi_o23(event: Event, subject: Subject, channel: Hl7Channel, sender: str) ->
         _segment("NTE", "1", "L", hl7_text(f"Priority raise requested: {summary_text(event)} {disclaimer(event)}")),
         _segment("IPC", *ipc),
     ]
-    return Hl7Message(control, "OMI^O23", "\r".join(segments))
+    return Hl7Message(control, "OMI^O23", "\r".join(segments) + "\r")
 
 
 def hl7_messages(event: Event, subject: Subject, channel: Hl7Channel, sender: str) -> list[Hl7Message]:
@@ -812,13 +812,23 @@ def post_webhook(channel: WebhookChannel, body: bytes, eid: str, max_defer_s: fl
 
 
 @dataclass(frozen=True)
+class ImageRef:
+    """A source image as the ledger knows it: enough to reference it from a Key Object."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+
+
+@dataclass(frozen=True)
 class NotifyTask:
     job_id: int
     event: Event
     channel_name: str
     channel: NotifyChannel
-    header_path: str  # a source image of the epoch (patient, order), absolute
-    image_paths: tuple[str, ...]  # the flagged source images (KOS), absolute
+    header_paths: tuple[str, ...]  # the epoch's source images, absolute: the first readable gives the header
+    images: tuple[ImageRef, ...]  # the flagged source images (KOS)
     last_image_at: float | None
 
 
@@ -856,14 +866,15 @@ class NotifyHandler:
         if not instances:
             raise Permanent(f"series {event.series_instance_uid} has no instances in the ledger")
         flagged = set((event.detail.get("finding") or {}).get("slices") or ())
-        images = tuple(str(self.spool.path(r.path)) for r in instances if r.sop_instance_uid in flagged)
-        return NotifyTask(job.id, event, name, channel, str(self.spool.path(instances[0].path)), images,
-                          row.last_image_at)
+        images = tuple(ImageRef(r.sop_class_uid, r.sop_instance_uid, r.series_instance_uid, r.study_instance_uid)
+                       for r in instances if r.sop_instance_uid in flagged)
+        return NotifyTask(job.id, event, name, channel, tuple(str(self.spool.path(r.path)) for r in instances),
+                          images, row.last_image_at)
 
     def run(self, task: NotifyTask) -> dict[str, Any]:
-        exchange = send(task.event, task.channel, header_path=Path(task.header_path),
-                        image_paths=[Path(p) for p in task.image_paths], sender=self.sender, source=self.source,
-                        spool=self.spool, config=self.config)
+        exchange = send(task.event, task.channel, header=read_header([Path(p) for p in task.header_paths]),
+                        images=task.images, sender=self.sender, source=self.source, spool=self.spool,
+                        config=self.config)
         return {"channel": task.channel_name, "kind": task.channel.kind, "event_id": task.event.id,
                 "type": task.event.type, "sent_at": exchange.sent_at, "acked_at": exchange.acked_at,
                 "response": exchange.response, "message_ids": list(exchange.message_ids)}
@@ -890,36 +901,40 @@ class NotifyHandler:
                            channel=job.payload.get("channel"), reason=current.last_error)
 
 
-def send(event: Event, channel: NotifyChannel, *, header_path: Path | None, image_paths: Sequence[Path],
-         sender: str, source: str, spool: Any, config: Config, subject: Subject | None = None) -> Exchange:
-    """One attempt of ``event`` on ``channel``. Raises Transient or Permanent."""
+def send(event: Event, channel: NotifyChannel, *, header: Any, images: Sequence[ImageRef], sender: str,
+         source: str, spool: Any, config: Config, subject: Subject | None = None) -> Exchange:
+    """One attempt of ``event`` on ``channel``. ``header`` is a source image's dataset (None when none
+    could be read: the message then goes without patient and order identifiers rather than not at
+    all). Raises Transient or Permanent."""
     if subject is None:
-        subject = _subject(header_path)
+        subject = Subject.from_header(header) if header is not None else Subject()
     if isinstance(channel, Hl7Channel):
         return mllp_send(channel, hl7_messages(event, subject, channel, sender))
     if isinstance(channel, WebhookChannel):
         body = cloudevent(event, subject, channel, channel.source or source)
         return post_webhook(channel, body, event.id, config.jobs.backoff_max_s)
-    return send_key_object(event, channel, header_path=header_path, image_paths=image_paths, sender=sender,
-                           spool=spool, config=config)
+    return send_key_object(event, channel, header=header, images=images, sender=sender, spool=spool,
+                           config=config)
 
 
-def _subject(header_path: Path | None) -> Subject:
+def read_header(paths: Sequence[Path], tries: int = 10) -> Any:
+    """The header of the first of ``paths`` that can be read (a file may have gone since the
+    analysis, as when an analyze job died of it); None when none of the first ``tries`` can."""
     import pydicom
 
-    if header_path is None:
-        return Subject()
-    try:
-        return Subject.from_header(pydicom.dcmread(header_path, stop_before_pixels=True))
-    except Exception as exc:  # the file was readable when it was analysed: something is wrong now
-        raise Transient(f"cannot read the source header {header_path.name}: {exc}") from exc
+    for path in paths[:tries]:
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:
+            LOG.warning("source header %s unreadable for a notification: %s", path.name, exc)
+    return None
 
 
-def send_key_object(event: Event, channel: KosChannel, *, header_path: Path | None, image_paths: Sequence[Path],
-                    sender: str, spool: Any, config: Config) -> Exchange:
+def send_key_object(event: Event, channel: KosChannel, *, header: Any, images: Sequence[ImageRef], sender: str,
+                    spool: Any, config: Config) -> Exchange:
     """Build the event's Key Object (deterministic: same UIDs and bytes on every attempt), keep it in
     the spool's results area, and C-STORE it to the channel's destination."""
-    import pydicom
+    from pydicom.dataset import Dataset
 
     from dicomnode import results
     from dicomnode import sender as storage
@@ -928,13 +943,14 @@ def send_key_object(event: Event, channel: KosChannel, *, header_path: Path | No
     destination = config.destinations.get(channel.destination)
     if destination is None:
         raise Permanent(f"destination {channel.destination!r} is no longer configured")
-    if header_path is None:
-        raise Permanent("no source image to take the patient and study from")
-    try:
-        source = pydicom.dcmread(header_path, stop_before_pixels=True)
-        images = [pydicom.dcmread(p, stop_before_pixels=True) for p in image_paths]
-    except Exception as exc:
-        raise Transient(f"cannot read the source images: {exc}") from exc
+    if header is None:
+        raise Transient("no source image of the series can be read for the patient and study modules")
+    references = []
+    for image in images:
+        ref = Dataset()
+        ref.SOPClassUID, ref.SOPInstanceUID = image.sop_class_uid, image.sop_instance_uid
+        ref.SeriesInstanceUID, ref.StudyInstanceUID = image.series_instance_uid, image.study_instance_uid
+        references.append(ref)
     documents = [ResultObject(analyzer=event.analyzer, version=event.version, kind=r["kind"],
                               sop_class_uid=r["sop_class_uid"], sop_instance_uid=r["sop_instance_uid"],
                               series_instance_uid=r["series_instance_uid"],
@@ -943,7 +959,7 @@ def send_key_object(event: Event, channel: KosChannel, *, header_path: Path | No
     description = f"{summary_text(event)} {disclaimer(event) if event.detail.get('not_for_clinical_use', True) else ''}"
     try:
         kos = results.build_key_object(
-            source, images, documents, analyzer=event.analyzer, version=event.version, epoch=event.epoch,
+            header, references, documents, analyzer=event.analyzer, version=event.version, epoch=event.epoch,
             description=description.strip(), not_for_clinical_use=bool(event.detail.get("not_for_clinical_use", True)),
             created=dt.datetime.fromtimestamp(event.created_at))
     except ValueError as exc:
@@ -978,7 +994,7 @@ def send_test(name: str, config: Config, *, now: float | None = None) -> tuple[E
         if status != 0:
             raise Transient(f"C-ECHO of {channel.destination} answered 0x{status:04X}")
         return event, f"C-ECHO {channel.destination}: 0x0000 (a Key Object needs a real study; none sent)"
-    exchange = send(event, channel, header_path=None, image_paths=(), sender=config.node.ae_title,
+    exchange = send(event, channel, header=None, images=(), sender=config.node.ae_title,
                     source=f"dicomnode://{config.node.ae_title}", spool=None, config=config, subject=TEST_SUBJECT)
     return event, exchange
 

@@ -937,7 +937,8 @@ def build_key_object(
     SR and SEG (``documents``), with a Key Object Description (113012, DCM) naming the finding.
 
     Pure, like :func:`build_results`: ``source`` gives the Patient and Study modules (repaired by
-    :func:`sanitized_header`), the UIDs derive from (series, epoch, analyzer, version, "kos"), so a
+    :func:`sanitized_header`); ``images`` need only their SOP Class, SOP Instance, Series and Study
+    Instance UIDs. The UIDs of the Key Object derive from (series, epoch, analyzer, version, "kos"), so a
     retried notification re-creates the same SOP Instance and, with the same ``created``, the same
     bytes. The device that selected the objects is the analyzer (TID 1002 observer context with the
     same Device Observer UID as its SR). The SEG is referenced as an IMAGE item, the SR as COMPOSITE.
@@ -957,9 +958,9 @@ def build_key_object(
     referenced: list[Dataset] = []
     for image in images:
         ref = Dataset()
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Rows",
-                        "Columns"):
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
             setattr(ref, keyword, image[keyword].value)
+        ref.Rows = ref.Columns = 1  # highdicom writes an IMAGE item (not COMPOSITE) when it sees a matrix
         referenced.append(ref)
     for document in documents:
         ref = Dataset()
