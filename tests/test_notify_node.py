@@ -134,6 +134,10 @@ def test_positive_head_ct_reaches_ris_webhook_and_pacs_then_late_images_retract(
     assert dciodvfy(kos_bytes).clean, dciodvfy(kos_bytes)
     kos = pydicom.dcmread(BytesIO(kos_bytes))
     assert kos.Modality == "KO" and kos.StudyInstanceUID == study_uid
+    stated = _stated_key_object_codes()
+    emitted = {(i.CodeValue, i.CodingSchemeDesignator, i.CodeMeaning) for e in kos.iterall() if e.VR == "SQ"
+               for i in e.value if "CodeValue" in i}
+    assert emitted == stated, "docs/conformance.md lists other Key Object codes than the node sends"
     referenced = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in kos.ContentSequence
                   if "ReferencedSOPSequence" in i}
     assert referenced == {datasets[LESION_SLICE].SOPInstanceUID, results["sr"].sop_instance_uid,
@@ -342,3 +346,12 @@ def _serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
         time.sleep(0.2)
     proc.kill()
     raise AssertionError(f"node did not start: {log.read_text()}")
+
+
+def _stated_key_object_codes() -> set[tuple[str, str, str]]:
+    """The code table of the Key Object in docs/conformance.md (section 6.3.2)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "conformance.md").read_text(encoding="utf-8")
+    table = text.split("| Code Value | Coding Scheme | Code Meaning | Used in the Key Object as |")[1]
+    table = table.strip().split("\n\n")[0]  # up to the blank line that ends the table
+    rows = [line.split("|")[1:4] for line in table.splitlines()[1:]]
+    return {(value.strip().strip("`"), scheme.strip(), meaning.strip()) for value, scheme, meaning in rows}
