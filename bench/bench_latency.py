@@ -100,22 +100,10 @@ DEFAULT_JSON = ROOT / "bench" / "results" / "latency.json"
 def lesion_series(slices: int, size: int, seed: str, images_in_acquisition: bool) -> list[Any]:
     """A head CT (tests/synthetic.py) 1 mm apart with a 70 HU ellipsoid (radius 12 mm in plane,
     8 mm along z) painted into the brain: a hyperdense blob the demo model reports, with a mask."""
-    from synthetic import ct_series
+    from synthetic import ct_series, paint_blob
 
-    datasets = ct_series(slices, size, size, seed=seed, slice_thickness=1.0,
-                         images_in_acquisition=images_in_acquisition)
-    spacing = 0.7  # ct_series' default pixel spacing
-    cz, cy, cx = slices // 2, size * 0.40, size * 0.60
-    y, x = np.mgrid[0:size, 0:size]
-    for i, ds in enumerate(datasets):
-        dz = (i - cz) / 8.0
-        if abs(dz) >= 1:
-            continue
-        inside = ((y - cy) * spacing / 12.0) ** 2 + ((x - cx) * spacing / 12.0) ** 2 + dz * dz <= 1.0
-        stored = np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(size, size).copy()
-        stored[inside] = 1024 + 70
-        ds.PixelData = stored.tobytes()
-    return datasets
+    return paint_blob(ct_series(slices, size, size, seed=seed, slice_thickness=1.0,
+                                images_in_acquisition=images_in_acquisition))
 
 
 def series_folder(cache: Path, slices: int, size: int, seed: str, expected: bool) -> Path:

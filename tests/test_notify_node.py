@@ -28,7 +28,7 @@ from dciodvfy import dciodvfy
 from mllp_listener import MllpListener
 from notify_fixtures import LESION_SLICE, head_ct, write_model
 from orthanc import Orthanc, free_port
-from synthetic import write_series
+from synthetic import ct_series, paint_blob, write_series
 from webhook_receiver import WebhookReceiver
 
 from dicomnode.domain import JobKind, JobState
@@ -178,6 +178,32 @@ def test_positive_head_ct_reaches_ris_webhook_and_pacs_then_late_images_retract(
     assert critical.id in listing.stdout and retracted.id in listing.stdout
     assert "finding.retracted" in listing.stdout and "(was critical)" in listing.stdout
     assert listing.stdout.count("succeeded") == 5 and "s after last image" in listing.stdout
+
+
+@pytest.mark.slow
+def test_positive_head_ct_on_the_embedded_defaults_notifies_with_no_manual_step(
+    make_node: NodeFactory, orthanc: Orthanc, listener: MllpListener, receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    """The shipped demo model (NOT FOR CLINICAL USE) on a head CT with a painted 70 HU bleed-like
+    blob (the series of ``bench_latency.py e2e``), embedded default route: SR, SEG and a Key Object
+    in Orthanc, an acknowledged ORU at the listener and a verified webhook."""
+    running = make_node(destinations={"PACS": orthanc.destination()},
+                        notify={"RIS": listener.channel(), "HOOK": receiver.channel(),
+                                "KEY": {"kind": "kos", "destination": "PACS"}})
+    datasets = paint_blob(ct_series(24, 128, 128, seed="demo-notify", slice_thickness=1.0))
+    assert store_successes(storescu(running.port, *write_series(datasets, tmp_path / "ct"))) == 24
+    running.node.run_until_idle(timeout=180)
+    (event,) = events(running.ledger)
+    assert (event.type, event.analyzer) == ("finding.critical", "demo-hyperdense")
+    results = {r.kind: r.sop_instance_uid for r in running.ledger.results_for_series(datasets[0].SeriesInstanceUID)
+               if r.analyzer == "demo-hyperdense"}
+    kos_uid = notifications(running.ledger, event.id)["KEY"].response.split()[-1]
+    stored = {i["sop_instance_uid"] for i in orthanc.instances()}
+    assert {results["sr"], results["seg"], kos_uid} <= stored
+    (oru,) = listener.wait_for(1)
+    assert oru["control_id"] == event.id and oru["answer"] == "AA" and "NOT FOR CLINICAL USE" in oru["text"]
+    (hook,) = receiver.wait_for(1)
+    assert hook["signature_ok"] and hook["timestamp_ok"] and hook["body"]["id"] == event.id
 
 
 @pytest.mark.slow
