@@ -39,7 +39,7 @@ from dicomnode.errors import AnalyzerUnavailable, Permanent, Transient
 from dicomnode.jobs import JobQueue
 from dicomnode.ledger import JobRow, Ledger
 from dicomnode.models import Registry, build_registry
-from dicomnode.notify import Notifier, reports_from_outcome
+from dicomnode.notify import Event, Notifier, reports_from_outcome
 from dicomnode.spool import Spool
 
 LOG = logging.getLogger(__name__)
@@ -336,6 +336,7 @@ class AnalyzeHandler:
             written.append((obj, relative))
         summaries = {o.analyzer: o for o in outcome.analyzers}
         recorded: list[dict[str, Any]] = []
+        events: list[Event] = []
         with self.ledger.transaction() as conn:
             for obj, relative in written:
                 o = summaries.get(obj.analyzer)
@@ -359,8 +360,8 @@ class AnalyzeHandler:
                     )
             if self.notifier is not None:
                 # Same transaction as the results: an event exists exactly when its results do.
-                self.notifier.record_analysis(conn, job, reports_from_outcome(outcome.analyzers), recorded,
-                                              built_at)
+                events = self.notifier.record_analysis(conn, job, reports_from_outcome(outcome.analyzers),
+                                                       recorded, built_at)
             if not self.queue.complete(conn, job, {
                 "analyzers": [o.__dict__ for o in outcome.analyzers],
                 "volume_problems": list(outcome.volume_problems),
@@ -374,6 +375,8 @@ class AnalyzeHandler:
             self.audit.log("analysis.done", job=job.id, series_instance_uid=job.series_instance_uid,
                            epoch=job.epoch, analyzer=o.analyzer, status=o.status, priority=o.priority,
                            seconds=o.duration_s)
+        if self.notifier is not None:
+            self.notifier.announce(events)
         close_epoch_if_done(self.ledger, job.series_instance_uid, job.epoch)
         self.queue.on_enqueued()
 
@@ -382,8 +385,8 @@ class AnalyzeHandler:
         if self.notifier is not None and current is not None and current.state == JobState.DEAD:
             # No findings at all: silence must not read as "negative".
             with self.ledger.transaction() as conn:
-                self.notifier.record_dead_analysis(conn, current)
-            self.queue.on_enqueued()
+                events = self.notifier.record_dead_analysis(conn, current)
+            self.notifier.announce(events)
         close_epoch_if_done(self.ledger, job.series_instance_uid, job.epoch)
 
 

@@ -74,7 +74,6 @@ from dicomnode.ledger import JobRow, Ledger
 
 LOG = logging.getLogger(__name__)
 
-EVENT_TYPES = ("finding.critical", "finding.updated", "finding.retracted", "analysis.failed")
 TEST_EVENT_TYPE = "test"
 EVENT_ID_LENGTH = 20  # MSH-10 Message Control ID is ST(20) in HL7 v2.5.1
 HL7_VERSION = "2.5.1"
@@ -1091,19 +1090,28 @@ class Notifier:
                 dedup_key=f"notify:{event.id}:{name}",
             )
             self.ledger.add_notification(conn, event.id, name, kind=channel.kind, job_id=job_id)
-        self.queue.audit.log("event.created", event_id=event.id, type=event.type, series_instance_uid=uid,
-                             epoch=epoch, analyzer=event.analyzer, verdict=str(event.verdict),
-                             verdict_changed=event.verdict_changed, supersedes=event.supersedes)
         return event
+
+    def announce(self, events: Sequence[Event]) -> None:
+        """After the transaction that created ``events`` committed: audit them, wake the executor."""
+        for event in events:
+            self.queue.audit.log("event.created", event_id=event.id, type=event.type,
+                                 series_instance_uid=event.series_instance_uid, epoch=event.epoch,
+                                 analyzer=event.analyzer, verdict=str(event.verdict),
+                                 verdict_changed=event.verdict_changed, supersedes=event.supersedes)
+        if events:
+            self.queue.on_enqueued()
 
     def reconcile(self) -> int:
         """At start-up: dead analyze jobs whose failure was never turned into events (the node died
         between the job's end and ``on_failed``). Returns how many events were created."""
-        made = 0
+        made: list[Event] = []
         for job in self.ledger.list_jobs(kind=JobKind.ANALYZE, states=[JobState.DEAD], limit=1000):
             with self.ledger.transaction() as conn:
-                made += len(self.record_dead_analysis(conn, job))
-        return made
+                created = self.record_dead_analysis(conn, job)
+            self.announce(created)
+            made.extend(created)
+        return len(made)
 
 
 def reports_from_outcome(analyzers: Sequence[Any]) -> list[AnalyzerReport]:
