@@ -71,6 +71,7 @@ from dicomnode.domain import Code, JobKind, JobState, Priority
 from dicomnode.errors import Permanent, Transient
 from dicomnode.jobs import JobQueue
 from dicomnode.ledger import JobRow, Ledger
+from dicomnode.spool import Spool
 
 LOG = logging.getLogger(__name__)
 
@@ -828,7 +829,6 @@ class NotifyTask:
     channel: NotifyChannel
     header_paths: tuple[str, ...]  # the epoch's source images, absolute: the first readable gives the header
     images: tuple[ImageRef, ...]  # the flagged source images (KOS)
-    last_image_at: float | None
 
 
 class NotifyHandler:
@@ -837,7 +837,7 @@ class NotifyHandler:
     kind = JobKind.NOTIFY
     in_process = True
 
-    def __init__(self, ledger: Ledger, spool: Any, queue: JobQueue, config: Config, audit: Audit) -> None:
+    def __init__(self, ledger: Ledger, spool: Spool, queue: JobQueue, config: Config, audit: Audit) -> None:
         self.ledger = ledger
         self.spool = spool
         self.queue = queue
@@ -868,7 +868,7 @@ class NotifyHandler:
         images = tuple(ImageRef(r.sop_class_uid, r.sop_instance_uid, r.series_instance_uid, r.study_instance_uid)
                        for r in instances if r.sop_instance_uid in flagged)
         return NotifyTask(job.id, event, name, channel, tuple(str(self.spool.path(r.path)) for r in instances),
-                          images, row.last_image_at)
+                          images)
 
     def run(self, task: NotifyTask) -> dict[str, Any]:
         exchange = send(task.event, task.channel, header=read_header([Path(p) for p in task.header_paths]),
@@ -901,7 +901,7 @@ class NotifyHandler:
 
 
 def send(event: Event, channel: NotifyChannel, *, header: Any, images: Sequence[ImageRef], sender: str,
-         source: str, spool: Any, config: Config, subject: Subject | None = None) -> Exchange:
+         source: str, spool: Spool | None, config: Config, subject: Subject | None = None) -> Exchange:
     """One attempt of ``event`` on ``channel``. ``header`` is a source image's dataset (None when none
     could be read: the message then goes without patient and order identifiers rather than not at
     all). Raises Transient or Permanent."""
@@ -930,7 +930,7 @@ def read_header(paths: Sequence[Path], tries: int = 10) -> Any:
 
 
 def send_key_object(event: Event, channel: KosChannel, *, header: Any, images: Sequence[ImageRef], sender: str,
-                    spool: Any, config: Config) -> Exchange:
+                    spool: Spool | None, config: Config) -> Exchange:
     """Build the event's Key Object (deterministic: same UIDs and bytes on every attempt), keep it in
     the spool's results area, and C-STORE it to the channel's destination."""
     from pydicom.dataset import Dataset
@@ -944,6 +944,8 @@ def send_key_object(event: Event, channel: KosChannel, *, header: Any, images: S
         raise Permanent(f"destination {channel.destination!r} is no longer configured")
     if header is None:
         raise Transient("no source image of the series can be read for the patient and study modules")
+    if spool is None:
+        raise Permanent("a Key Object is kept in the spool before it is sent; no spool given")
     references = []
     for image in images:
         ref = Dataset()
