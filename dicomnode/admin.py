@@ -48,6 +48,7 @@ from dicomnode.config import Config, load_config
 from dicomnode.domain import JobKind, JobState
 from dicomnode.errors import ConfigError, DicomNodeError
 from dicomnode.metrics import CONTENT_TYPE
+from dicomnode.notify import event_views
 
 if TYPE_CHECKING:
     from dicomnode.ledger import JobRow
@@ -151,6 +152,7 @@ def _job_dict(job: JobRow) -> dict[str, Any]:
         "attempts": job.attempts, "max_attempts": job.max_attempts, "created_at": job.created_at,
         "started_at": job.started_at, "finished_at": job.finished_at, "seconds": seconds,
         "destination": job.payload.get("destination"), "last_error": job.last_error,
+        "channel": job.payload.get("channel"), "event_id": job.payload.get("event_id"),
     }
 
 
@@ -197,7 +199,7 @@ def overview(node: Node) -> dict[str, Any]:
         "instances": node.ledger.count_instances(),
         "jobs": counts,
         "queue_depth": sum(counts[k][s] for k in counts for s in open_states),
-        "dead_letters": counts[JobKind.DELIVER]["dead"],
+        "dead_letters": counts[JobKind.DELIVER]["dead"] + counts[JobKind.NOTIFY]["dead"],
         "failed_analyses": counts[JobKind.ANALYZE]["dead"],
         "retrying": sum(counts[k][JobState.FAILED] for k in counts),
         "time_to_result": _time_to_result(node),
@@ -219,6 +221,9 @@ def recent_series(node: Node, limit: int) -> list[dict[str, Any]]:
                             "sop_instance_uid": r.sop_instance_uid})
         delivered = [j.finished_at for j in jobs if j.kind == JobKind.DELIVER and j.epoch == row.epoch
                      and j.state == JobState.SUCCEEDED and j.finished_at]
+        events = [e for e in event_views(node.ledger, 20, row.series_instance_uid) if e["epoch"] == row.epoch]
+        told = [n["time_to_notification_s"] for e in events for n in e["notifications"]
+                if n["time_to_notification_s"] is not None]
         out.append({
             "series_instance_uid": row.series_instance_uid, "study_instance_uid": row.study_instance_uid,
             "modality": row.modality, "series_description": row.series_description,
@@ -226,18 +231,27 @@ def recent_series(node: Node, limit: int) -> list[dict[str, Any]]:
             "instances": row.instance_count, "first_received_at": row.first_received_at,
             "last_received_at": row.last_received_at, "rule": row.rule, "note": row.note,
             "time_to_result_s": round(min(delivered) - row.last_received_at, 3) if delivered else None,
+            "time_to_notification_s": min(told) if told else None, "events": events,
             "results": results, "jobs": [_job_dict(j) for j in jobs],
         })
     return out
 
 
 def dead_letters(node: Node, limit: int = 100) -> list[dict[str, Any]]:
+    """Dead deliveries and dead notifications, newest first."""
     out = []
-    for job in node.ledger.list_jobs(kind=JobKind.DELIVER, states=[JobState.DEAD], limit=limit):
-        result = node.ledger.result(int(job.payload.get("result_id", 0)))
+    jobs = [*node.ledger.list_jobs(kind=JobKind.DELIVER, states=[JobState.DEAD], limit=limit),
+            *node.ledger.list_jobs(kind=JobKind.NOTIFY, states=[JobState.DEAD], limit=limit)]
+    for job in sorted(jobs, key=lambda j: j.id, reverse=True)[:limit]:
         item = _job_dict(job)
-        item["result"] = ({"analyzer": result.analyzer, "kind": result.kind,
-                           "sop_instance_uid": result.sop_instance_uid} if result is not None else None)
+        if job.kind == JobKind.NOTIFY:
+            event = node.ledger.event(str(job.payload.get("event_id", "")))
+            item["event"] = ({"id": event.id, "type": event.type, "analyzer": event.analyzer}
+                             if event is not None else None)
+        else:
+            result = node.ledger.result(int(job.payload.get("result_id", 0)))
+            item["result"] = ({"analyzer": result.analyzer, "kind": result.kind,
+                               "sop_instance_uid": result.sop_instance_uid} if result is not None else None)
         out.append(item)
     return out
 
@@ -395,8 +409,14 @@ def _api(node: Node) -> APIRouter:
 
     @api.get("/dead-letters", tags=["jobs"])
     def get_dead_letters(limit: int = Query(100, ge=1, le=1000)) -> list[dict[str, Any]]:
-        """Deliveries that gave up (permanent refusal or attempts exhausted)."""
+        """Deliveries and notifications that gave up (permanent refusal or attempts exhausted)."""
         return dead_letters(node, limit)
+
+    @api.get("/events", tags=["notify"])
+    def get_events(limit: int = Query(50, ge=1, le=1000), series: str | None = None) -> list[dict[str, Any]]:
+        """Notify events (finding.critical, ...) with their notifications per channel and the time
+        from the last image to each acknowledgement."""
+        return event_views(node.ledger, limit, series)
 
     @api.post("/jobs/{job_id}/retry", tags=["jobs"])
     def retry(job_id: int) -> dict[str, Any]:
@@ -570,7 +590,8 @@ CONSOLE_HTML = """<!doctype html>
 <section id="series">
 <h2>Recent series</h2>
 <table id="series-table"><thead><tr><th>last image</th><th>from</th><th>mod.</th><th>description</th>
-<th>images</th><th>state</th><th>verdicts</th><th>time to result</th></tr></thead><tbody></tbody></table>
+<th>images</th><th>state</th><th>verdicts</th><th>time to result</th><th>notified</th></tr></thead>
+<tbody></tbody></table>
 <h2>Recent jobs</h2>
 <table id="jobs-table"><thead><tr><th>id</th><th>kind</th><th>state</th><th>priority</th><th>tries</th>
 <th>seconds</th><th>destination</th><th>error</th></tr></thead><tbody></tbody></table>
@@ -578,8 +599,9 @@ CONSOLE_HTML = """<!doctype html>
 
 <section id="dead">
 <h2>Dead letters</h2>
-<p class="hint">Deliveries that gave up. Fix the destination (C-ECHO it), then replay.</p>
-<table id="dead-table"><thead><tr><th>job</th><th>destination</th><th>result</th><th>tries</th>
+<p class="hint">Deliveries and notifications that gave up. Fix the destination (C-ECHO it) or the
+channel (<code>dicomnode notify test NAME</code>), then replay.</p>
+<table id="dead-table"><thead><tr><th>job</th><th>destination / channel</th><th>result / event</th><th>tries</th>
 <th>error</th><th></th></tr></thead><tbody></tbody></table>
 <p class="ok" id="dead-message"></p>
 </section>
@@ -752,6 +774,12 @@ function verdicts(results) {
     return el("span", {class: cls, title: r.sop_instance_uid}, text);
   });
 }
+function notified(events) {
+  // one line per event: its type, then each channel with the time from the last image to its ACK
+  return (events || []).map(e => el("div", {class: `event ${e.type.replace(".", "-")}`, title: e.id},
+    `${e.type}: ` + e.notifications.map(n => `${n.channel} ` + (n.time_to_notification_s !== null
+      ? secs(n.time_to_notification_s) : n.state)).join(", ")));
+}
 async function loadSeries() {
   const [series, jobs] = await Promise.all([api("GET", "/api/series?limit=25"),
                                             api("GET", "/api/jobs?limit=50")]);
@@ -759,7 +787,8 @@ async function loadSeries() {
     el("td", {}, when(s.last_received_at)), el("td", {}, s.calling_ae), el("td", {}, s.modality),
     el("td", {}, s.series_description), el("td", {}, s.instances),
     el("td", {}, `${s.state} (epoch ${s.epoch})`),
-    el("td", {}, ...verdicts(s.results)), el("td", {}, secs(s.time_to_result_s)))));
+    el("td", {}, ...verdicts(s.results)), el("td", {}, secs(s.time_to_result_s)),
+    el("td", {class: "notified"}, ...notified(s.events)))));
   fill("jobs-table", jobs.map(j => el("tr", {},
     el("td", {}, j.id), el("td", {}, j.kind), el("td", {}, j.state), el("td", {}, j.priority),
     el("td", {}, `${j.attempts}/${j.max_attempts}`), el("td", {}, secs(j.seconds)),
@@ -779,8 +808,9 @@ async function replay(id) {
 async function loadDead() {
   const rows = await api("GET", "/api/dead-letters");
   fill("dead-table", rows.map(j => el("tr", {},
-    el("td", {}, j.id), el("td", {}, j.destination ?? ""),
-    el("td", {}, j.result ? `${j.result.kind} ${j.result.analyzer}` : "(missing)"),
+    el("td", {}, j.id), el("td", {}, j.destination ?? j.channel ?? ""),
+    el("td", {}, j.kind === "notify" ? (j.event ? `${j.event.type} ${j.event.analyzer}` : "(missing)")
+                 : (j.result ? `${j.result.kind} ${j.result.analyzer}` : "(missing)")),
     el("td", {}, j.attempts), el("td", {}, j.last_error),
     el("td", {},
        el("button", {type: "button", id: `replay-${j.id}`, onclick: () => replay(j.id)}, "Replay")))));

@@ -155,21 +155,19 @@ def cmd_notify(args: argparse.Namespace) -> int:
     if args.action == "retry":
         return _retry(ledger, int(args.target) if args.target and args.target.isdigit() else None, "notify",
                       "notification")
-    rows = ledger.list_events(limit=args.limit)
-    deliveries: dict[str, list[Any]] = {}
-    for n in ledger.notifications_of([r.id for r in rows]):
-        deliveries.setdefault(n.event_id, []).append(n)
+    from dicomnode.notify import event_views
+
     print(f"{'EVENT':20} {'TYPE':17} {'WHEN':19} {'EPOCH':>5} {'VERDICT':17} {'ANALYZER':18} SERIES")
-    for r in rows:
-        change = "" if r.verdict_changed is None else (f" (was {r.previous_verdict})" if r.verdict_changed else "")
-        print(f"{r.id:20} {r.type:17} {_when(r.created_at):19} {r.epoch:>5} {(r.verdict + change):17} "
-              f"{r.analyzer:18} {r.series_instance_uid}")
-        for n in deliveries.get(r.id, []):
-            took = f"{n.acked_at - r.last_image_at:.2f} s after last image" \
-                if n.acked_at is not None and r.last_image_at is not None else "-"
-            detail = n.response if n.acked_at is not None else (n.last_error or "")
-            print(f"{'':20}   job {n.job_id or '-':>5} {n.channel:12} {n.kind:7} {n.state or '-':9} "
-                  f"tries {n.attempts or 0}  {took}  {detail}")
+    for e in event_views(ledger, args.limit):
+        change = f" (was {e['previous_verdict']})" if e["verdict_changed"] else ""
+        print(f"{e['id']:20} {e['type']:17} {_when(e['created_at']):19} {e['epoch']:>5} "
+              f"{(e['verdict'] + change):17} {e['analyzer']:18} {e['series_instance_uid']}")
+        for n in e["notifications"]:
+            took = n["time_to_notification_s"]
+            when = f"{took:.2f} s after last image" if took is not None else "-"
+            detail = n["response"] if n["acked_at"] is not None else n["last_error"]
+            print(f"{'':20}   job {n['job_id'] or '-':>5} {n['channel']:12} {n['kind']:7} {n['state'] or '-':9} "
+                  f"tries {n['attempts'] or 0}  {when}  {detail}")
     return 0
 
 

@@ -1116,6 +1116,29 @@ class Notifier:
         return len(made)
 
 
+def event_views(ledger: Ledger, limit: int = 50, series_uid: str | None = None) -> list[dict[str, Any]]:
+    """Events (newest first) with their notifications per channel and the time from the last image
+    to each acknowledgement: what the console and ``dicomnode notify`` show."""
+    rows = ledger.list_events(limit=limit, series_uid=series_uid)
+    last_image = {r.id: r.last_image_at for r in rows}
+    sent: dict[str, list[dict[str, Any]]] = {}
+    for n in ledger.notifications_of([r.id for r in rows]):
+        start = last_image.get(n.event_id)
+        took = n.acked_at - start if n.acked_at is not None and start is not None else None
+        sent.setdefault(n.event_id, []).append({
+            "channel": n.channel, "kind": n.kind, "job_id": n.job_id, "state": n.state, "attempts": n.attempts,
+            "sent_at": n.sent_at, "acked_at": n.acked_at, "response": n.response, "last_error": n.last_error or "",
+            "time_to_notification_s": round(max(0.0, took), 3) if took is not None else None,
+        })
+    return [{
+        "id": r.id, "type": r.type, "series_instance_uid": r.series_instance_uid, "epoch": r.epoch,
+        "analyzer": r.analyzer, "version": r.version, "verdict": r.verdict, "previous_verdict": r.previous_verdict,
+        "verdict_changed": r.verdict_changed, "supersedes": r.supersedes, "created_at": r.created_at,
+        "last_image_at": r.last_image_at, "series_complete_at": r.series_complete_at,
+        "result_built_at": r.result_built_at, "notifications": sent.get(r.id, []),
+    } for r in rows]
+
+
 def reports_from_outcome(analyzers: Sequence[Any]) -> list[AnalyzerReport]:
     """Triage analyzers' reports from an analyze job's ``AnalyzerOutcome`` list."""
     out = []

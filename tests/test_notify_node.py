@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -211,10 +212,11 @@ def test_failures_retry_dead_letters_and_replay(make_node: NodeFactory, tmp_path
     """A webhook's 503 with Retry-After is retried; an HL7 AE is a dead letter that `notify retry`
     replays; a failing triage analyzer and a dead analyze job both give ``analysis.failed``;
     a negative series and a QC-only series notify nobody."""
-    listener = MllpListener(tmp_path / "mllp", ["AE"])
+    listener = MllpListener(tmp_path / "mllp", ["AE", "AE"])
     receiver = WebhookReceiver(tmp_path / "webhook", SECRET, ["503:1"])
     try:
         sections: dict[str, Any] = {
+            "admin": {"enabled": True, "port": free_port()},
             "analysis": models(tmp_path, broken=True),
             "notify": {"RIS": listener.channel(), "HOOK": receiver.channel()},
             "rules": [
@@ -239,13 +241,28 @@ def test_failures_retry_dead_letters_and_replay(make_node: NodeFactory, tmp_path
         assert 'dicomnode_notify_attempts_total{channel="HOOK",outcome="retry"} 1.0' in metrics
         assert 'dicomnode_notify_attempts_total{channel="RIS",outcome="dead"} 1.0' in metrics
 
+        # The console's dead letters list the notification; its replay button hits the AE again ...
+        api = f"http://127.0.0.1:{running.node.config.admin.port}/api"
+        (letter,) = _get(f"{api}/dead-letters")
+        assert letter["kind"] == "notify" and letter["channel"] == "RIS" and letter["event"]["id"] == event.id
+        assert _get(f"{api}/overview")["dead_letters"] == 1
+        assert _post(f"{api}/jobs/{letter['id']}/retry")["requeued"] is True
+        running.node.run_until_idle(timeout=60)
+        assert notifications(ledger, event.id)["RIS"].state == JobState.DEAD
+        # ... and once the RIS is fixed, `dicomnode notify retry ID` delivers it.
         config = write_config(tmp_path, **sections)
         replay = cli(config, "notify", "retry", str(sent["RIS"].job_id))
         assert replay.returncode == 0 and "requeued" in replay.stdout
         running.node.run_until_idle(timeout=60)
         assert notifications(ledger, event.id)["RIS"].state == JobState.SUCCEEDED
-        assert [m["answer"] for m in listener.wait_for(2)] == ["AE", "AA"]
+        assert [m["answer"] for m in listener.wait_for(3)] == ["AE", "AE", "AA"]
         assert {m["control_id"] for m in listener.messages()} == {event.id}
+        assert _get(f"{api}/dead-letters") == []
+        (view,) = _get(f"{api}/events?series={event.series_instance_uid}")
+        assert {n["channel"]: n["state"] for n in view["notifications"]} == {"RIS": "succeeded", "HOOK": "succeeded"}
+        (shown,) = [s for s in _get(f"{api}/series") if s["series_instance_uid"] == event.series_instance_uid]
+        ris = next(n for n in shown["events"][0]["notifications"] if n["channel"] == "RIS")
+        assert shown["time_to_notification_s"] is not None and ris["time_to_notification_s"] >= 0
 
         # A failing triage analyzer: analysis.failed, so that silence never reads as negative.
         for name, datasets in (("negative", head_ct("negative", lesion=False)[:8]),
@@ -381,3 +398,13 @@ def _stated_key_object_codes() -> set[tuple[str, str, str]]:
     table = table.strip().split("\n\n")[0]  # up to the blank line that ends the table
     rows = [line.split("|")[1:4] for line in table.splitlines()[1:]]
     return {(value.strip().strip("`"), scheme.strip(), meaning.strip()) for value, scheme, meaning in rows}
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _post(url: str) -> Any:
+    with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=30) as response:
+        return json.loads(response.read())
