@@ -442,3 +442,16 @@ def test_positive_fixture_is_positive_and_negative_after_the_late_half(tmp_path:
     assert both.findings[0].present is False and both.priority is not None and both.priority.name == "ROUTINE"
     clean = model.analyze(load_volume(write_series(head_ct("clean", lesion=False), tmp_path / "clean")[:8]))
     assert clean.findings[0].present is False
+
+
+def test_the_commented_channel_examples_of_the_shipped_config_are_valid() -> None:
+    """config/dicomnode.toml shows [notify.*] commented out; uncommented, the block must validate."""
+    import tomllib
+
+    text = (Path(__file__).resolve().parent.parent / "config" / "dicomnode.toml").read_text(encoding="utf-8")
+    block = text[text.index("# [notify.RIS]"):]
+    lines = [line[2:] if line.startswith("# ") else "" for line in block.splitlines()]
+    config = parse_config({"destinations": {"PACS": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}},
+                           **tomllib.loads("\n".join(lines))})
+    assert {name: c.kind for name, c in config.notify.items()} == {"RIS": "hl7", "PAGER": "webhook",
+                                                                 "KEYIMAGES": "kos"}
