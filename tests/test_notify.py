@@ -424,7 +424,7 @@ def test_key_object_flags_the_slices_and_references_sr_and_seg(tmp_path: Path) -
                          description="x", created=dt.datetime(2026, 1, 1))
 
 
-def test_positive_fixture_is_positive_and_negative_after_the_late_half(tmp_path: Path) -> None:
+def test_positive_fixture_is_positive_and_negative_after_one_late_image(tmp_path: Path) -> None:
     """The premise of the node tests, pinned on the real runtime (no node, no network)."""
     from notify_fixtures import write_model
     from synthetic import write_series
