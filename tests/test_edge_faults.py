@@ -73,7 +73,8 @@ def test_idle_and_half_open_sockets_block_nobody_and_are_closed_by_the_timeouts(
     try:
         for i, sock in enumerate(sockets):
             if i % 2:
-                sock.sendall(HALF_OPEN_RQ)  # the others stay silent
+                with contextlib.suppress(OSError):  # those over the per-host cap are reset already
+                    sock.sendall(HALF_OPEN_RQ)  # the others stay silent
         time.sleep(0.3)
         assert ECHO_OK in _echo(node.port)
         # The configured timeouts close every one of them (slack for a loaded CI machine).
@@ -332,7 +333,7 @@ def test_full_disk_refuses_with_a700_even_when_the_audit_line_cannot_be_written(
     left", the handler failed and the sender got 0xC211 (permanent) instead of 0xA700."""
     with _tmpfs(tmp_path / "tiny", "2m") as mount:
         node = make_node(node={"min_free_mb": 0, "data_dir": str(mount / "data")})
-        _fill(mount, mount / "data" / "audit.log")
+        _fill(mount, mount / "data" / "audit.jsonl")
         result = storescu(node.port, sorted(ct_folder.iterdir())[0])
         output = result.stdout + result.stderr
         assert "Refused: OutOfResources" in output, output
@@ -347,14 +348,14 @@ def test_full_audit_disk_never_turns_success_into_failure(
     still hand the release to assembly when the audit line cannot be written."""
     data = tmp_path / "data"
     data.mkdir()
-    audit = data / "audit.log"
+    audit = data / "audit.jsonl"
     audit.touch()
     with _tmpfs(tmp_path / "auditfs", "64k") as fs:
-        (fs / "audit.log").touch()
-        subprocess.run(["mount", "--bind", str(fs / "audit.log"), str(audit)], check=True)
+        (fs / "audit.jsonl").touch()
+        subprocess.run(["mount", "--bind", str(fs / "audit.jsonl"), str(audit)], check=True)
         try:
             node = make_node(node={"data_dir": str(data)}, assembly={"quiet_period_s": 120})
-            _fill(fs, fs / "audit.log")
+            _fill(fs, fs / "audit.jsonl")
             series = write_series(ct_series(3, seed="audit-full"), tmp_path_factory.mktemp("audit-full"))
             result = storescu(node.port, *series)
             assert store_successes(result) == 3, result.stdout + result.stderr
