@@ -297,7 +297,7 @@ def test_nodes_lists_every_receiver_and_worker(cluster: Cluster) -> None:
         assert member.proc is not None
         row = rows[member.name]
         assert row[1] == member.command and row[2] == "alive" and int(row[3]) == member.proc.pid
-    assert "worker [analyze-cpu,deliver]" in listed.stdout
+    assert "worker [analyze-cpu,deliver,notify]" in listed.stdout
     # The other commands read the shared ledger too: the series of the scenarios above.
     series = subprocess.run([sys.executable, "-m", "dicomnode.cli", "series", "--config",
                              str(cluster.members["rx2"].config)], capture_output=True, text=True, timeout=60)
