@@ -49,6 +49,7 @@ __all__ = [
     "NOT_FOR_CLINICAL_USE",
     "ResultsError",
     "Sources",
+    "build_key_object",
     "build_results",
     "device_observer_uid",
     "prepare_sources",
@@ -910,3 +911,121 @@ def _reference(result: ResultObject) -> Dataset:
     ds.SeriesInstanceUID = result.series_instance_uid
     ds.StudyInstanceUID = result.study_instance_uid
     return ds
+
+
+# --- Key Object Selection (notify channel "kos") -------------------------------------------------
+
+KOS_SERIES_NUMBER = 9903
+
+
+def build_key_object(
+    source: Dataset,
+    images: Sequence[Dataset],
+    documents: Sequence[ResultObject],
+    *,
+    analyzer: str,
+    version: str,
+    epoch: int,
+    description: str,
+    not_for_clinical_use: bool = True,
+    uid_prefix: str | None = None,
+    manufacturer: str = "dicomnode",
+    created: dt.datetime,
+) -> ResultObject:
+    """A Key Object Selection Document (PS3.3 A.35.4, TID 2010) titled (113000, DCM, "Of Interest")
+    that flags ``images`` (the source slices of a critical finding) and references the analysis'
+    SR and SEG (``documents``), with a Key Object Description (113012, DCM) naming the finding.
+
+    Pure, like :func:`build_results`: ``source`` gives the Patient and Study modules (repaired by
+    :func:`sanitized_header`); ``images`` need only their SOP Class, SOP Instance, Series and Study
+    Instance UIDs. The UIDs of the Key Object derive from (series, epoch, analyzer, version, "kos"), so a
+    retried notification re-creates the same SOP Instance and, with the same ``created``, the same
+    bytes. The device that selected the objects is the analyzer (TID 1002 observer context with the
+    same Device Observer UID as its SR). The SEG is referenced as an IMAGE item, the SR as COMPOSITE.
+    """
+    if not images and not documents:
+        raise ValueError("images, documents: a Key Object needs at least one object to reference")
+    header = sanitized_header(source)
+    series_uid = str(source.SeriesInstanceUID)
+    study_uid = str(source.StudyInstanceUID)
+    for i, image in enumerate(images):
+        if str(image.StudyInstanceUID) != study_uid:
+            raise ValueError(f"images[{i}]: belongs to study {image.StudyInstanceUID}, not {study_uid}")
+
+    def uid(part: str) -> str:
+        return result_uid(series_uid, epoch, analyzer, version, "kos", part, prefix=uid_prefix)
+
+    referenced: list[Dataset] = []
+    for image in images:
+        ref = Dataset()
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+            setattr(ref, keyword, image[keyword].value)
+        ref.Rows = ref.Columns = 1  # highdicom writes an IMAGE item (not COMPOSITE) when it sees a matrix
+        referenced.append(ref)
+    for document in documents:
+        ref = Dataset()
+        ref.SOPClassUID = document.sop_class_uid
+        ref.SOPInstanceUID = document.sop_instance_uid
+        ref.SeriesInstanceUID = document.series_instance_uid
+        ref.StudyInstanceUID = document.study_instance_uid
+        if document.kind == "seg":  # an image IOD: highdicom writes an IMAGE item when it sees a matrix
+            ref.Rows = ref.Columns = 1
+        referenced.append(ref)
+    # highdicom copies the Patient and Study modules from the first evidence item; the evidence
+    # list itself must hold exactly the referenced objects (PS3.3 C.17.2.3).
+    evidence = [copy.copy(r) for r in referenced]
+    for keyword in (*_TYPE_2_COPIED, "SpecificCharacterSet"):
+        if keyword in header:
+            setattr(evidence[0], keyword, header[keyword].value)
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(analyzer, version),  # the model's one identity, as in its SR
+            name=_short(analyzer),
+            manufacturer_name=_short(manufacturer),
+            model_name=_short(f"{analyzer} {version}"),
+        ),
+    )
+    text = _CONTROL.sub("", description).strip() or "-"
+    series_description = f"{analyzer} {version} KEY OBJECTS"
+    if not_for_clinical_use:
+        series_description = f"{NOT_FOR_CLINICAL_USE} {series_description}"
+    try:
+        content = hd.ko.KeyObjectSelection(
+            document_title=codes.DCM.OfInterest,
+            referenced_objects=referenced,
+            observer_device_context=observer,
+            description=text,
+        )
+        stamp = created.replace(microsecond=0)
+        kos = hd.ko.KeyObjectSelectionDocument(
+            evidence=evidence,
+            content=content,
+            series_instance_uid=uid("series"),
+            series_number=KOS_SERIES_NUMBER,
+            sop_instance_uid=uid("instance"),
+            instance_number=1,
+            manufacturer=_short(manufacturer),
+            series_description=_short(series_description),
+            content_date=stamp.date(),
+            content_time=stamp.time(),
+            series_date=stamp.date(),
+            series_time=stamp.time(),
+        )
+        _pin(kos, created)
+        buffer = io.BytesIO()
+        kos.save_as(buffer, enforce_file_format=True)
+    except Exception as exc:
+        raise ResultsError(f"cannot encode the Key Object of {analyzer} {version} for series {series_uid}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    return ResultObject(
+        analyzer=analyzer,
+        version=version,
+        kind="kos",
+        sop_class_uid=str(kos.SOPClassUID),
+        sop_instance_uid=str(kos.SOPInstanceUID),
+        series_instance_uid=str(kos.SeriesInstanceUID),
+        study_instance_uid=str(kos.StudyInstanceUID),
+        transfer_syntax_uid=str(kos.file_meta.TransferSyntaxUID),
+        data=buffer.getvalue(),
+    )
