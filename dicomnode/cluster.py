@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from dicomnode.audit import Audit
+from dicomnode.audit import AUDIT_FILE, Audit
 from dicomnode.config import Config
 from dicomnode.domain import JobKind
 from dicomnode.jobs import JobQueue, run_attempt
@@ -275,7 +275,7 @@ class WorkerRuntime:
         self.spool = Spool(cluster.spool_root, config.node.min_free_mb * 2**20, node_id=self.node_id)
         data_dir = config.node.data_dir.resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.audit = Audit(data_dir / "audit.log", enabled=config.audit.enabled)
+        self.audit = Audit(data_dir / AUDIT_FILE, enabled=config.audit.enabled)
         self.queue = JobQueue(self.ledger, config.jobs, self.audit, queues=cluster.queues)
         # Events of analyses run here are raised here, in the results' transaction, as in a node.
         self.notifier = make_notifier(config, self.ledger, self.queue, build_registry(config.analysis))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicomnode.assembly import Assembly
-from dicomnode.audit import Audit
+from dicomnode.audit import AUDIT_FILE, Audit
 from dicomnode.cluster import Heartbeat, default_node_id, heartbeat_settings
 from dicomnode.config import Config, Peer
 from dicomnode.domain import JobState, SeriesState, StoredInstance
@@ -60,7 +60,7 @@ class Node:
                            node_id=self.node_id if cluster is not None else "")
         heartbeat_s, dead_after_s = heartbeat_settings(config)
         self.ledger = Ledger(config.ledger_url, dead_after_s=dead_after_s)
-        self.audit = Audit(data_dir / "audit.jsonl", enabled=config.audit.enabled)
+        self.audit = Audit(data_dir / AUDIT_FILE, enabled=config.audit.enabled)
         self.metrics = Metrics(self.ledger)
         self.audit.subscribe(self.metrics.observe)
         self.admin: AdminServer | None = None

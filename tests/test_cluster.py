@@ -8,6 +8,7 @@ process run last and start it again. Series are small: the point is who does wha
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -419,6 +420,11 @@ def test_a_positive_result_is_told_to_the_ris_by_the_workers(pg_url: str, tmp_pa
             analyze[0].queue == "analyze-cpu"
         time.sleep(1.0)
         assert len(listener.messages()) == 1  # delivered once, not once per worker
+        # The workers audit into the same JSON-lines file as the node.
+        data_dir = Path(data["node"]["data_dir"])
+        audited = [json.loads(line) for line in (data_dir / "audit.jsonl").read_text().splitlines() if line]
+        assert any(a.get("event") == "job.succeeded" and a.get("kind") == "notify" for a in audited), audited[-5:]
+        assert not (data_dir / "audit.log").exists()
     finally:
         for worker in workers:
             worker.stop()
