@@ -16,6 +16,7 @@ from dicomnode.domain import AnalyzerKind, Code, Finding, Findings, FindingsStat
 from dicomnode.imaging import load_volume
 from dicomnode.models import Analyzer, Registry, qc
 from dicomnode.models.qc import CtQc, MrQc, QcSettings, XrQc
+from dicomnode.models.qc import common as qc_common
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -344,10 +345,10 @@ def test_disk_morphology_equals_scipy(seed: int) -> None:
         if rng.random() < 0.5:
             mask = ndimage.binary_dilation(mask, iterations=2)  # blobs with holes, not only noise
         for radius in range(0, 7):
-            disk = qc._disk(radius)
+            disk = qc_common.disk(radius)
             for border in (False, True):
-                assert np.array_equal(qc._erode(mask, radius, border),
+                assert np.array_equal(qc_common.erode(mask, radius, border),
                                       ndimage.binary_erosion(mask, structure=disk, border_value=border))
-            assert np.array_equal(qc._dilate(mask, radius), ndimage.binary_dilation(mask, structure=disk))
-            assert np.array_equal(qc._open(mask, radius), ndimage.binary_opening(mask, structure=disk))
-        assert np.array_equal(qc._fill_holes(mask), ndimage.binary_fill_holes(mask))
+            assert np.array_equal(qc_common.dilate(mask, radius), ndimage.binary_dilation(mask, structure=disk))
+            assert np.array_equal(qc_common.opening(mask, radius), ndimage.binary_opening(mask, structure=disk))
+        assert np.array_equal(qc_common.fill_holes(mask), ndimage.binary_fill_holes(mask))
