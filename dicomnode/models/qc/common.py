@@ -34,19 +34,22 @@ from dicomnode.domain import (
     QualitativeEvaluation,
     Volume,
 )
+from dicomnode.models import private_code
 
 VERSION = "1.0.0"
 F32 = npt.NDArray[np.float32]
 Mask = npt.NDArray[np.bool_]
 
 # --- codes ---------------------------------------------------------------------------------------
-# TID 4014 concept names (PS3.16 Annex A; DCM definitions in PS3.16 Annex D)
+# Meanings are exactly those of PS3.16 as pydicom's copy of its dictionary gives them
+# (tests/test_qc.py checks every standard code here against it).
+# TID 4014 "CAD Image Quality" concept names and the overall aspect (PS3.16 Annex D)
 QUALITY_FINDING = Code("111052", "DCM", "Quality Finding")
 QUALITY_ASSESSMENT = Code("111050", "DCM", "Quality Assessment")
 QUALITY_CONTROL_STANDARD = Code("111051", "DCM", "Quality Control Standard")
 IMAGE_QUALITY_RATING = Code("111029", "DCM", "Image Quality Rating")
 IMAGE_QUALITY = Code("111101", "DCM", "Image Quality")
-# CID 6135 Image Quality Finding
+# CID 6135 Image Quality Finding: the defect, given as the Quality Finding
 POSITIONING = Code("111209", "DCM", "Positioning")
 MOTION_BLUR = Code("111210", "DCM", "Motion blur")
 UNDER_EXPOSED = Code("111211", "DCM", "Under exposed")
@@ -60,48 +63,91 @@ USABLE_NOT_MEETING = Code("111236", "DCM", "Usable - Does not meet the quality c
 USABLE_MEETING = Code("111237", "DCM", "Usable - Meets the quality control standard")
 # CID 6326/6136 Quality Control Standard
 INSTITUTIONAL_STANDARD = Code("111240", "DCM", "Institutionally defined quality control standard")
-# Projection X-ray exposure indices (IEC 62494-1; PS3.3 C.8.11.7 attributes (0018,1411..1413))
-EXPOSURE_INDEX = Code("113845", "DCM", "Exposure Index")
-TARGET_EXPOSURE_INDEX = Code("113846", "DCM", "Target Exposure Index")
-DEVIATION_INDEX = Code("113847", "DCM", "Deviation Index")
-SIGNAL_TO_NOISE = Code("113060", "DCM", "Signal to noise")
-GHOST = Code("RID11426", "RADLEX", "Ghost")
+# Aspects (Finding, TID 1501 row 3b) with a standard concept
+POOR_SNR = Code("130578", "DCM", "Poor SNR")  # CID 6315: noise checks of every modality
+POOR_FOV_SELECTION = Code("130577", "DCM", "Poor FOV selection")  # CID 6315: CT truncation, XR collimation
+GHOST = Code("RID11426", "RADLEX", "Ghost")  # CID 6316
+MOTION_ARTIFACT = Code("RID11423", "RADLEX", "Motion related artifact")  # CID 6316
+# Measurements with a standard concept
+EXPOSURE_INDEX = Code("113845", "DCM", "Exposure Index")  # IEC 62494-1; PS3.3 (0018,1411)
+TARGET_EXPOSURE_INDEX = Code("113846", "DCM", "Target Exposure Index")  # (0018,1412)
+DEVIATION_INDEX = Code("113847", "DCM", "Deviation Index")  # (0018,1413)
+SIGNAL_TO_NOISE = Code("113060", "DCM", "Signal to noise")  # CID 7180
+SPACING_BETWEEN_SLICES = Code("112226", "DCM", "Spacing between slices")
+COLLIMATED_FIELD_AREA = Code("113790", "DCM", "Collimated Field Area")  # TID 10003, in m2
 
-PRIVATE_SCHEME = "99DCMNODE"
-# aspects (finding types) without a standard concept
-CT_NUMBER_CALIBRATION = Code("QC-HU-CAL", PRIVATE_SCHEME, "CT number calibration")
-IMAGE_NOISE = Code("QC-NOISE", PRIVATE_SCHEME, "Image noise")
-SLICE_COVERAGE = Code("QC-SLICES", PRIVATE_SCHEME, "Slice coverage and spacing")
-FOV_TRUNCATION = Code("QC-TRUNC", PRIVATE_SCHEME, "Field of view truncation")
-METAL_ARTIFACT = Code("QC-METAL", PRIVATE_SCHEME, "Metal streak artifact")
-DETECTOR_EXPOSURE = Code("QC-EXPOSURE", PRIVATE_SCHEME, "Detector exposure")
-SHARPNESS = Code("QC-SHARP", PRIVATE_SCHEME, "Image sharpness")
-COLLIMATION = Code("QC-COLLIM", PRIVATE_SCHEME, "Collimation")
-# measurements without a standard concept
-AIR_CT_NUMBER = Code("QC-AIR-HU", PRIVATE_SCHEME, "Median CT number of air")
-SOFT_TISSUE_CT_NUMBER = Code("QC-TISSUE-HU", PRIVATE_SCHEME, "Modal CT number of soft tissue")
-NOISE_SD = Code("QC-NOISE-SD", PRIVATE_SCHEME, "Noise standard deviation (wavelet MAD)")
-RELATIVE_NOISE = Code("QC-NOISE-REL", PRIVATE_SCHEME, "Noise relative to signal range")
-MISSING_SLICES = Code("QC-MISSING", PRIVATE_SCHEME, "Estimated missing slices")
-DUPLICATE_POSITIONS = Code("QC-DUPLICATE", PRIVATE_SCHEME, "Images sharing a position")
-MEDIAN_SLICE_SPACING = Code("QC-SPACING", PRIVATE_SCHEME, "Median slice spacing")
-TRUNCATED_SLICES = Code("QC-TRUNC-PCT", PRIVATE_SCHEME, "Slices touching the field of view edge")
-METAL_VOXELS = Code("QC-METAL-PPM", PRIVATE_SCHEME, "Metal voxel fraction")
-STREAK_INDEX = Code("QC-STREAK", PRIVATE_SCHEME, "Streak index around metal")
-CNR = Code("QC-CNR", PRIVATE_SCHEME, "Contrast-to-noise ratio")
-EFC = Code("QC-EFC", PRIVATE_SCHEME, "Entropy focus criterion")
-FBER = Code("QC-FBER", PRIVATE_SCHEME, "Foreground-background energy ratio")
-GHOST_RATIO = Code("QC-GHOST", PRIVATE_SCHEME, "Ghost-to-signal ratio along phase encoding")
-CLIPPED_FRACTION = Code("QC-CLIPPED", PRIVATE_SCHEME, "Saturated pixel fraction")
-BLUR_METRIC = Code("QC-BLUR", PRIVATE_SCHEME, "Blur metric (Crete)")
-LAPLACIAN_VARIANCE = Code("QC-LAPV", PRIVATE_SCHEME, "Normalised variance of the Laplacian")
-COLLIMATED_FIELD = Code("QC-FIELD", PRIVATE_SCHEME, "Exposed field fraction")
-# UCUM units
+_NONE = "no concept in PS3.16 or in the SNOMED CT, LOINC, RadLex, NCIt and UMLS codes DICOM's dictionary carries"
+# Aspects without a standard concept
+CT_NUMBER_CALIBRATION = private_code(
+    "QC-HU-CAL", "CT number calibration",
+    "no concept for the accuracy of the CT number scale; the defect is coded as the Quality Finding "
+    "(111219, DCM, \"Inappropriate image processing\")",
+)
+SLICE_COVERAGE = private_code(
+    "QC-SLICES", "Slice coverage and spacing",
+    "no concept for missing or duplicate slice positions ((130576, DCM, \"Anatomy coverage incomplete\") is "
+    "about anatomy, not about gaps); the defect is coded (111220, DCM, \"Other failure\")",
+)
+METAL_ARTIFACT = private_code(
+    "QC-METAL", "Metal streak artifact",
+    "no concept for metal artifact; (RID11327, RADLEX, \"Beam-hardening artifact\") of CID 6135 names only one "
+    "of its two causes (photon starvation is the other); the defect is coded (111215, DCM, \"Artifact(s) "
+    "other than grid or detector artifact\")",
+)
+DETECTOR_EXPOSURE = private_code(
+    "QC-EXPOSURE", "Detector exposure",
+    "no concept for the exposure assessment as a whole; its measurements are the standard (113845-113847, DCM) "
+    "indices and the verdict is (111211, DCM, \"Under exposed\") or (111212, DCM, \"Over exposed\")",
+)
+SHARPNESS = private_code(
+    "QC-SHARP", "Image sharpness",
+    _NONE + "; the defect is coded (111210, DCM, \"Motion blur\"), the only blur in CID 6135",
+)
+# Measurements without a standard concept
+AIR_CT_NUMBER = private_code(
+    "QC-AIR-HU", "Median CT number of air",
+    "(112182, DCM, \"Median Attenuation Coefficient\") would need a finding site 'air outside the patient', "
+    "which has no code either",
+)
+SOFT_TISSUE_CT_NUMBER = private_code("QC-TISSUE-HU", "Modal CT number of soft tissue", _NONE)
+NOISE_SD = private_code(
+    "QC-NOISE-SD", "Noise standard deviation (wavelet MAD)",
+    "(112183, DCM, \"Standard Deviation of Attenuation Coefficient\") is the spread of CT numbers in a region, "
+    "anatomy included; this is the noise alone (finest wavelet subband)",
+)
+RELATIVE_NOISE = private_code("QC-NOISE-REL", "Noise relative to signal range", _NONE)
+MISSING_SLICES = private_code("QC-MISSING", "Estimated missing slices", _NONE)
+DUPLICATE_POSITIONS = private_code("QC-DUPLICATE", "Images sharing a position", _NONE)
+TRUNCATED_SLICES = private_code("QC-TRUNC-PCT", "Slices touching the field of view edge", _NONE)
+METAL_VOXELS = private_code("QC-METAL-PPM", "Metal voxel fraction", _NONE)
+STREAK_INDEX = private_code("QC-STREAK", "Streak index around metal", _NONE)
+CNR = private_code("QC-CNR", "Contrast-to-noise ratio", _NONE)
+EFC = private_code("QC-EFC", "Entropy focus criterion", _NONE + " (an MRIQC metric)")
+FBER = private_code("QC-FBER", "Foreground-background energy ratio", _NONE + " (an MRIQC metric)")
+GHOST_RATIO = private_code("QC-GHOST", "Ghost-to-signal ratio along phase encoding", _NONE + " (MRIQC gsr)")
+CLIPPED_FRACTION = private_code("QC-CLIPPED", "Saturated pixel fraction", _NONE)
+BLUR_METRIC = private_code("QC-BLUR", "Blur metric (Crete)", _NONE)
+LAPLACIAN_VARIANCE = private_code("QC-LAPV", "Normalised variance of the Laplacian", _NONE)
+FINE_DETAIL_RATIO = private_code("QC-FINE-DETAIL", "Finest to next scale detail ratio (Haar)", _NONE)
+COLLIMATED_FIELD = private_code(
+    "QC-FIELD", "Exposed field fraction",
+    "a fraction of the image; the area itself is reported as (113790, DCM, \"Collimated Field Area\")",
+)
+MOTION_STREAK_INDEX = private_code("QC-MOTION-STREAK", "Streak index of the air around the body", _NONE)
+MOTION_STREAKED_SLICES = private_code("QC-MOTION-SLICES", "Slices with motion streaks", _NONE)
+MOTION_JUMP = private_code("QC-MOTION-JUMP", "Body outline shift between slices", _NONE)
+# Former names of aspects that now have standard codes
+IMAGE_NOISE = POOR_SNR
+FOV_TRUNCATION = POOR_FOV_SELECTION
+COLLIMATION = POOR_FOV_SELECTION
+MEDIAN_SLICE_SPACING = SPACING_BETWEEN_SLICES
+# UCUM units, with the meanings PS3.16 gives them
 HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 NO_UNITS = Code("1", "UCUM", "no units")
-PERCENT = Code("%", "UCUM", "percent")
+PERCENT = Code("%", "UCUM", "Percent")
 PPM = Code("[ppm]", "UCUM", "parts per million")
-MM = Code("mm", "UCUM", "millimeter")
+MM = Code("mm", "UCUM", "mm")
+SQUARE_METER = Code("m2", "UCUM", "square meter")
 RATING_UNITS = Code("{0:100}", "UCUM", "range: 0:100")
 
 MAD_TO_SIGMA = 0.6745  # median(|N(0,1)|)
@@ -128,6 +174,11 @@ class QcSettings(BaseModel):
     ct_metal_hu: float = 3000.0
     ct_metal_min_voxels: int = Field(default=5, ge=1, description="per slice")
     ct_streak_min_hu: float = Field(default=60.0, gt=0)
+    ct_motion_streak_hu: float = Field(default=6.0, gt=0, description="streak index of a slice with motion")
+    ct_motion_min_slices_percent: float = Field(
+        default=10.0, ge=0, le=100, description="slices with motion streaks (at least 2) that flag the series"
+    )
+    ct_motion_jump_mm: float = Field(default=2.5, gt=0, description="body outline jump between slices")
     # MR
     mr_snr_min: float = Field(default=10.0, gt=0)
     mr_ghost_ratio_max: float = Field(default=0.01, gt=0)
@@ -135,6 +186,9 @@ class QcSettings(BaseModel):
     xr_deviation_index_max: float = Field(default=3.0, gt=0)
     xr_clipped_max_percent: float = Field(default=5.0, ge=0, le=100)
     xr_blur_max: float = Field(default=0.78, gt=0, lt=1)
+    xr_fine_detail_min: float = Field(
+        default=0.6, gt=0, description="finest-scale over next-scale detail below which the image is smoothed"
+    )
     xr_noise_max_percent: float = Field(default=1.0, gt=0)
     xr_field_min_percent: float = Field(default=25.0, ge=0, le=100)
 

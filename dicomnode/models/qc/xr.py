@@ -15,11 +15,13 @@ from dicomnode.models.qc.common import (
     BLUR_METRIC,
     CLIPPED_FRACTION,
     COLLIMATED_FIELD,
+    COLLIMATED_FIELD_AREA,
     COLLIMATION,
     DETECTOR_EXPOSURE,
     DEVIATION_INDEX,
     EXPOSURE_INDEX,
     F32,
+    FINE_DETAIL_RATIO,
     IMAGE_NOISE,
     LAPLACIAN_VARIANCE,
     MOTION_BLUR,
@@ -29,6 +31,7 @@ from dicomnode.models.qc.common import (
     POSITIONING,
     RELATIVE_NOISE,
     SHARPNESS,
+    SQUARE_METER,
     TARGET_EXPOSURE_INDEX,
     UNDER_EXPOSED,
     Context,
@@ -128,10 +131,15 @@ class XrQc(QcAnalyzer):
         )
 
     def _sharpness(self, ctx: Context) -> Outcome:
-        """No-reference blur metric of Crete et al. 2007 (Proc. SPIE 6492, 64920I): how little the
-        neighbour differences drop when the image is re-blurred (0 sharp, 1 blurred), computed on
-        a median-filtered image of <= 512 pixels so that noise does not pass for detail. The
-        normalised variance of the Laplacian (Pech-Pacheco et al. 2000) is reported alongside."""
+        """Two no-reference measures. The blur metric of Crete et al. 2007 (Proc. SPIE 6492,
+        64920I): how little the neighbour differences drop when the image is re-blurred (0 sharp,
+        1 blurred), computed on a median-filtered image of <= 512 pixels so that noise does not
+        pass for detail; it sees coarse blur (motion during the exposure). And, at the native
+        pixel size, the ratio of the noise-level detail at the finest Haar scale to the next
+        scale (:func:`_fine_detail_ratio`): about 1 for a detector image (quantum noise is white
+        at the pixel scale), far below 1 once the image itself was smoothed (a Gaussian of 1 px
+        already halves it). The normalised variance of the Laplacian (Pech-Pacheco et al. 2000)
+        is reported alongside."""
         seg = self._field(ctx)
         blurs, lapvs = [], []
         for image, (r0, r1, c0, c1) in zip(seg["images"], seg["boxes"], strict=True):
@@ -147,14 +155,26 @@ class XrQc(QcAnalyzer):
         if not blurs:
             raise NotComputable("exposed field too small")
         blur_value = max(blurs)
-        present = blur_value > ctx.settings.xr_blur_max
+        details = [
+            _fine_detail_ratio(image[r0:r1, c0:c1])
+            for image, (r0, r1, c0, c1) in zip(seg["images"], seg["boxes"], strict=True)
+        ]
+        finite = [d for d in details if math.isfinite(d)]
+        detail = min(finite) if finite else None
+        smoothed = detail is not None and detail < ctx.settings.xr_fine_detail_min
+        present = blur_value > ctx.settings.xr_blur_max or smoothed
+        measurements = [measurement(BLUR_METRIC, blur_value, NO_UNITS, "0 sharp .. 1 blurred")]
+        if detail is not None:
+            measurements.append(
+                measurement(FINE_DETAIL_RATIO, detail, NO_UNITS, "sigma(finest Haar scale) / sigma(next scale)")
+            )
+        measurements.append(
+            measurement(LAPLACIAN_VARIANCE, float(np.nanmin(lapvs)), NO_UNITS, "var(Laplacian) / var(image)")
+        )
         return Outcome(
             SHARPNESS,
             present,
-            [
-                measurement(BLUR_METRIC, blur_value, NO_UNITS, "0 sharp .. 1 blurred"),
-                measurement(LAPLACIAN_VARIANCE, float(np.nanmin(lapvs)), NO_UNITS, "var(Laplacian) / var(image)"),
-            ],
+            measurements,
             MOTION_BLUR,
             30.0,
         )
@@ -190,13 +210,14 @@ class XrQc(QcAnalyzer):
             sides.append(int(r0 > 0) + int(r1 < image.shape[0]) + int(c0 > 0) + int(c1 < image.shape[1]))
         field_percent = min(fractions)
         present = field_percent < ctx.settings.xr_field_min_percent
-        return Outcome(
-            COLLIMATION,
-            present,
-            [measurement(COLLIMATED_FIELD, field_percent, PERCENT, f"shutter borders seen on {max(sides)} side(s)")],
-            POSITIONING,
-            15.0,
-        )
+        measurements = [
+            measurement(COLLIMATED_FIELD, field_percent, PERCENT, f"shutter borders seen on {max(sides)} side(s)")
+        ]
+        if not any("Pixel Spacing" in p for p in ctx.volume.problems):  # an area needs a known pixel size
+            r0, r1, c0, c1 = seg["boxes"][int(np.argmin(fractions))]
+            area_m2 = (r1 - r0) * ctx.volume.spacing[1] * (c1 - c0) * ctx.volume.spacing[2] / 1e6
+            measurements.append(measurement(COLLIMATED_FIELD_AREA, area_m2, SQUARE_METER, "at the detector"))
+        return Outcome(COLLIMATION, present, measurements, POSITIONING, 15.0)
 
 
 def header_float(value: Any) -> float | None:
@@ -253,3 +274,18 @@ def _shutter_box(image: F32) -> tuple[int, int, int, int]:
         run(col_sd, int(0.4 * cols)),
         cols - run(col_sd[::-1], int(0.4 * cols)),
     )
+
+
+def _fine_detail_ratio(field: F32) -> float:
+    """sigma of the finest diagonal Haar subband over that of the next scale (computed on 2 x 2
+    block means), each the robust MAD estimate of :func:`wavelet_noise_sigma`. White noise gives
+    about 1; image-domain smoothing removes the finest scale first (Donoho & Johnstone 1994 use
+    the finest subband as the noise reference for the same reason)."""
+    f = field.astype(np.float32)
+    rows, cols = (f.shape[0] // 2) * 2, (f.shape[1] // 2) * 2
+    coarse = 0.25 * (f[0:rows:2, 0:cols:2] + f[1:rows:2, 0:cols:2] + f[0:rows:2, 1:cols:2] + f[1:rows:2, 1:cols:2])
+    fine_sigma = wavelet_noise_sigma(f)
+    coarse_sigma = wavelet_noise_sigma(coarse.astype(np.float32))
+    if not (math.isfinite(fine_sigma) and math.isfinite(coarse_sigma)) or coarse_sigma <= 0:
+        return float("nan")
+    return fine_sigma / coarse_sigma
