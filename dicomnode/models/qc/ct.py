@@ -76,8 +76,10 @@ class CtQc(QcAnalyzer):
         sample = vol[ctx.sampled]
         lowest = float(sample.min())
         padding = sample == lowest
-        # Values below -1024 HU are not tissue or air; a large exact pile-up there is padding.
-        if not (lowest < -1024.5 and padding.mean() >= 0.005):
+        # A large exact pile-up far below air is padding outside the reconstruction circle
+        # (scanners write -2000, -2048, -3024...). Not just below -1024 HU: air clipped at the
+        # lowest stored value also piles up, at -1224 HU when the scale is 200 HU low.
+        if not (lowest < -1500.0 and padding.mean() >= 0.005):
             padding = np.zeros_like(padding)
         valid_values = sample[~padding]
         threshold = otsu_threshold(valid_values[:: max(1, valid_values.size // 2_000_000)])
@@ -231,9 +233,11 @@ class CtQc(QcAnalyzer):
         slices (the patient moved between slices).
 
         Streak index of a slice: the air 3-30 mm outside the body, band-pass filtered (Gaussian
-        1 mm minus Gaussian 4 mm, normalised within the air mask), robust SD (1.4826 MAD), with
-        the part white noise explains removed (noise sigma from the finest Haar subband of the
-        same air times the filter's white-noise gain). A smooth head holder or cushion adds
+        1 mm minus Gaussian 4 mm, normalised within the air mask), its robust SD (1.4826 MAD)
+        with the part white noise explains removed in quadrature (noise sigma from the finest
+        Haar subband of the same air, times the spread the same filter gives unit white noise in
+        that mask); what remains must also reach that noise spread, else it counts half (in a
+        noisy image the robust spread of noise plus a little structure overshoots the sum). A smooth head holder or cushion adds
         little: the band-pass sees its edges only. Jump: the in-plane shift that best aligns the
         body masks of consecutive sampled slices (FFT cross-correlation), counted when it reaches
         ``ct_motion_jump_mm`` and differs from the neighbouring pairs' shifts by that much too
@@ -331,11 +335,17 @@ def _streak_index_in_air(
     inside = air & (coarse_weight > 0.9) & (fine_weight > 0.9)
     if np.count_nonzero(inside) < 1000:
         return None
-    band_pass = (fine - coarse)[inside]
-    spread = 1.4826 * float(np.median(np.abs(band_pass - np.median(band_pass))))
+    spread = _robust_sd((fine - coarse)[inside])
     noise = wavelet_noise_sigma(image, air)
-    white = (noise if math.isfinite(noise) else 0.0) * _band_pass_gain(1.0 / pixel_mm, 4.0 / pixel_mm)
-    return math.sqrt(max(0.0, spread * spread - white * white))
+    white = (noise if math.isfinite(noise) else 0.0) * _band_pass_gain(air, inside, pixel_mm)
+    structured = math.sqrt(max(0.0, spread * spread - white * white))
+    # The robust spread of structure plus noise is not exactly their quadratic sum: with strong
+    # noise a few HU of "structure" remain. Structure must also reach the noise's own spread.
+    return structured if structured >= white else 0.5 * structured
+
+
+def _robust_sd(values: npt.NDArray[np.float64]) -> float:
+    return 1.4826 * float(np.median(np.abs(values - np.median(values))))
 
 
 def _masked_gaussian(image: F32, mask: Mask, sigma: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -345,11 +355,13 @@ def _masked_gaussian(image: F32, mask: Mask, sigma: float) -> tuple[npt.NDArray[
     return total / np.maximum(weight, 1e-6), weight
 
 
-def _band_pass_gain(fine: float, coarse: float) -> float:
-    """Standard deviation of (Gaussian(fine) - Gaussian(coarse)) applied to unit white noise
-    (continuous 2-D kernels, sigmas in pixels): sqrt(1/(4 pi a^2) + 1/(4 pi b^2) - 1/(pi (a^2 + b^2)))."""
-    a2, b2 = fine * fine, coarse * coarse
-    return math.sqrt(max(0.0, 1 / (4 * math.pi * a2) + 1 / (4 * math.pi * b2) - 1 / (math.pi * (a2 + b2))))
+def _band_pass_gain(air: Mask, inside: Mask, pixel_mm: float) -> float:
+    """Robust SD of the same masked band-pass applied to unit white noise in the same air mask:
+    the spread white noise of sigma 1 gives (seeded, so reproducible)."""
+    unit = np.random.default_rng(0).standard_normal(air.shape).astype(np.float32)
+    fine, _ = _masked_gaussian(unit, air, 1.0 / pixel_mm)
+    coarse, _ = _masked_gaussian(unit, air, 4.0 / pixel_mm)
+    return _robust_sd((fine - coarse)[inside])
 
 
 def _largest_jump(bodies: Mask, pixel_mm: float) -> float | None:
