@@ -306,6 +306,7 @@ def volume(
     spacing: tuple[float, float, float] = (2.5, 0.8, 0.8),
     positions: Sequence[float] | None = None,
     problems: Sequence[str] = (),
+    orientation: tuple[float, float, float, float, float, float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
     **attributes: Any,
 ) -> Volume:
     """Wrap phantom pixels as a :class:`Volume` with one minimal header per slice."""
@@ -316,7 +317,7 @@ def volume(
     return Volume(
         pixels=pixels.astype(np.float32),
         spacing=spacing,
-        orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        orientation=orientation,
         origin=(0.0, 0.0, 0.0),
         frame_of_reference_uid="1.2.3.4",
         modality=modality,
