@@ -66,7 +66,7 @@ def _xr_collimated(seed: int, band: float) -> Volume:
 
 def _ct_motion(seed: int, shift_mm: float) -> Volume:
     hu = _ct(seed)
-    return P.volume(P.add_motion(hu, range(5, 11), shift_mm, 0.8, seed=seed, angles=90), "CT")
+    return P.volume(P.add_motion(hu, range(5, 11), shift_mm, 0.8, seed=seed), "CT")
 
 
 def _ct_jump(seed: int, shift_mm: float) -> Volume:
@@ -220,7 +220,7 @@ RealCase = tuple[str, str, Code, Callable[[int], Volume]]
 REAL_CT_CASES: list[RealCase] = [
     *[
         ("qc-ct", f"motion {m:g} mm on 6 of 16 slices", qc.MOTION_ARTIFACT,
-         lambda s, m=m: _real_ct(s, lambda b, sp, seed: P.add_motion(b, range(5, 11), m, sp[1], seed=seed, angles=90)))
+         lambda s, m=m: _real_ct(s, lambda b, sp, seed: P.add_motion(b, range(5, 11), m, sp[1], seed=seed)))
         for m in (1.0, 2.0, 4.0)
     ],
     *[

@@ -157,7 +157,8 @@ def add_motion(
     for z in slices:
         angle = rng.uniform(0.0, 2 * np.pi)
         shift = (shift_mm / pixel_mm * np.sin(angle), shift_mm / pixel_mm * np.cos(angle))
-        out[z] = vol[z] + motion_artifact(vol[z], shift, angles=angles)
+        inside = vol[z] > -2000  # padding outside the reconstruction circle stays padding
+        out[z][inside] = (vol[z] + motion_artifact(vol[z], shift, angles=angles))[inside]
     return out
 
 

@@ -237,10 +237,11 @@ class CtQc(QcAnalyzer):
         with the part white noise explains removed in quadrature (noise sigma from the finest
         Haar subband of the same air, times the spread the same filter gives unit white noise in
         that mask); what remains must also reach that noise spread, else it counts half (in a
-        noisy image the robust spread of noise plus a little structure overshoots the sum). A smooth head holder or cushion adds
-        little: the band-pass sees its edges only. Jump: the in-plane shift that best aligns the
-        body masks of consecutive sampled slices (FFT cross-correlation), counted when it reaches
-        ``ct_motion_jump_mm`` and differs from the neighbouring pairs' shifts by that much too
+        noisy image the robust spread of noise plus a little structure overshoots the sum). A
+        smooth head holder or cushion adds little: the band-pass sees its edges only. Jump: the
+        in-plane shift that best aligns the body masks of consecutive sampled slices (FFT
+        cross-correlation), counted when it reaches ``ct_motion_jump_mm`` and differs from the
+        neighbouring pairs' shifts by that much too
         (anatomy that narrows or drifts changes smoothly; slices with less than 70 % of the largest
         body cross-section are not used).
         """
