@@ -9,6 +9,7 @@ durably and records them, their deliveries and the job's end in one transaction.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import copy
 import logging
 import os
 import sys
@@ -45,6 +46,7 @@ class AnalysisTask:
     settings: AnalysisSettings
     created: float  # job creation time: fixes result dates, so a re-run re-creates the same bytes
     previous: tuple[ResultObject, ...] = ()
+    uid_root: str | None = None  # [results] uid_root: prefix of every result UID (None: pydicom's)
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,132 @@ def _failed(name: str, version: str, kind: AnalyzerKind, error: str) -> Findings
     return Findings(analyzer=name, version=version, kind=kind, status=FindingsStatus.FAILED, error=error)
 
 
-def _headers_only(paths: tuple[str, ...]) -> list[Dataset]:
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
-    return sorted(headers, key=lambda d: int(d.get("InstanceNumber") or 0))
+def _by_instance_number(headers: list[Dataset]) -> list[Dataset]:
+    def number(header: Dataset) -> int:
+        try:
+            return int(header.get("InstanceNumber") or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    return sorted(headers, key=number)
+
+
+def header_problem(header: Dataset) -> str:
+    """Why ``header`` cannot be used to build results ('' when it can): pydicom decodes values
+    lazily, so an element whose bytes make no sense (an unknown VR after a bit flip, a value that
+    cannot be converted) raises only when first read. Every element is read here, sequences
+    included."""
+    try:
+        for _element in header.iterall():
+            pass
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def without_undecodable(header: Dataset) -> tuple[Dataset, list[str]]:
+    """A copy of ``header`` without the elements that cannot be decoded (nested ones included),
+    and their tags."""
+    fixed = copy.deepcopy(header)
+    dropped: list[str] = []
+
+    def clean(ds: Dataset) -> None:
+        for tag in list(ds.keys()):
+            try:
+                element = ds[tag]
+            except Exception:
+                del ds[tag]
+                dropped.append(str(tag))
+                continue
+            if element.VR == "SQ":
+                for item in element.value:
+                    clean(item)
+
+    clean(fixed)
+    return fixed, dropped
+
+
+def screen_headers(paths: tuple[str, ...]) -> tuple[list[str], list[Dataset], list[str]]:
+    """Split the instances of a series into those whose headers can be used (paths and headers)
+    and the others, one sentence each naming the instance and the problem."""
+    usable: list[str] = []
+    headers: list[Dataset] = []
+    excluded: list[str] = []
+    for path in paths:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:
+            excluded.append(f"{Path(path).name} excluded: not a readable DICOM file ({type(exc).__name__}: {exc})")
+            continue
+        problem = header_problem(header)
+        if problem:
+            excluded.append(f"instance {_identify(header, path)} excluded: its header cannot be used ({problem})")
+            continue
+        usable.append(path)
+        headers.append(header)
+    return usable, headers, excluded
+
+
+def _identify(header: Dataset, path: str) -> str:
+    try:
+        return str(header.SOPInstanceUID)
+    except Exception:  # the SOP Instance UID itself may be what is broken
+        return Path(path).name
+
+
+# Enough of an image's header to build an SR about its series (Patient, General Study, General
+# Series, SOP Common, and what the image library of TID 1600 reads when it is there).
+_MINIMAL_KEYWORDS = (
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "Modality", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription", "SeriesNumber",
+    "InstanceNumber", "FrameOfReferenceUID", "Rows", "Columns",
+)
+
+
+def minimal_header(header: Dataset) -> Dataset | None:
+    """The identifying attributes of ``header`` that can be read, or None without the four UIDs
+    an SR about this image needs. Used when the full headers cannot carry even a failure report."""
+    minimal = Dataset()
+    for keyword in _MINIMAL_KEYWORDS:
+        try:
+            if keyword in header:
+                minimal[keyword] = copy.deepcopy(header[keyword])
+        except Exception:  # an element that cannot be decoded is left out
+            continue
+    needed = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+    return minimal if all(k in minimal for k in needed) else None
+
+
+def _minimal_headers(headers: list[Dataset]) -> list[Dataset]:
+    return [m for m in (minimal_header(h) for h in headers) if m is not None]
+
+
+def _salvaged_headers(paths: tuple[str, ...]) -> list[Dataset]:
+    """Minimal headers of instances whose full headers cannot be used (every instance excluded)."""
+    out: list[Dataset] = []
+    for path in paths:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        minimal = minimal_header(header)
+        if minimal is not None:
+            out.append(minimal)
+    return _by_instance_number(out)
+
+
+def _with_exclusions(findings: Findings, excluded: tuple[str, ...], total: int) -> Findings:
+    """Say in the findings (and so in the SR) which instances were left out and why; findings about
+    the rest of the series are PARTIAL (PS3.3: they do not cover the whole series)."""
+    if not excluded:
+        return findings
+    summary = f"{len(excluded)} of {total} instance(s) excluded: their headers cannot be used"
+    if findings.status is FindingsStatus.COMPLETE:
+        findings = replace(findings, status=FindingsStatus.PARTIAL, error=summary)
+    elif findings.status is FindingsStatus.PARTIAL:
+        findings = replace(findings, error=f"{findings.error}; {summary}" if findings.error else summary)
+    return replace(findings, notes=(*findings.notes, *excluded))
 
 
 def cpu_count() -> int:
@@ -175,20 +300,32 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
     done, overlapping the analyzers still running. The result objects keep the order of
     ``task.analyzers``, so a job gives the same bytes however its threads were scheduled.
     """
-    from dicomnode import imaging, results
+    from dicomnode import results
 
     registry = worker_registry(task.settings)
     started = time.perf_counter()
-    volume = None
-    load_error = ""
-    try:
-        volume = imaging.load_volume([Path(p) for p in task.paths])
-    except Permanent as exc:
-        load_error = exc.reason
-    except Exception as exc:  # an unreadable series is a finding about the series, not a crash
-        load_error = f"cannot load series: {exc}"
+    volume, load_error = _load(task.paths)
+    excluded: tuple[str, ...] = ()
+    headers: list[Dataset] = []
+    if volume is None:
+        # A header that cannot be decoded may be why: leave such instances out, analyse the others
+        # and say so, rather than lose the whole series' results. (Only on this path: checking
+        # every header of every series up front would cost the hot path time.)
+        usable, headers, problems = screen_headers(task.paths)
+        excluded = tuple(problems)
+        if excluded:
+            LOG.warning("series %s: %s", task.series_instance_uid, "; ".join(excluded))
+            if usable:
+                volume, load_error = _load(tuple(usable))
+            else:
+                volume, load_error = None, "no instance of the series has a usable header"
     load_s = time.perf_counter() - started
-    headers = list(volume.headers) if volume is not None else _headers_only(task.paths)
+    if volume is not None:
+        headers = list(volume.headers)
+    elif not headers:
+        headers = _salvaged_headers(task.paths)  # every header is broken: what identifies them
+    else:
+        headers = _by_instance_number(headers)
     created = datetime.fromtimestamp(task.created)
 
     names = task.analyzers
@@ -197,36 +334,66 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
     _share_cores(parallel)
     encoded: dict[int, tuple[list[ResultObject], AnalyzerOutcome]] = {}
 
+    repairs: list[str] = []  # filled by prepare_sources, before the first encode
+
     def prepare_sources() -> results.Sources | Exception:
         # Headers that cannot be repaired are reported per analyzer below, like any encode failure.
         try:
             return results.prepare_sources(headers)
         except Exception as exc:
+            first = exc
+        # The volume was built, so the undecodable elements are ones imaging did not need: leave
+        # them out of the report's copy of the headers, and say so.
+        cleaned = []
+        for header in headers:
+            fixed, dropped = without_undecodable(header)
+            if dropped:
+                repairs.append(f"instance {_identify(header, '?')}: element(s) {', '.join(dropped)} cannot be "
+                               "decoded and were left out of this report's copy of its header")
+            cleaned.append(fixed)
+        try:
+            return results.prepare_sources(cleaned) if repairs else first
+        except Exception as exc:
             LOG.exception("source headers cannot be used for results")
             return exc
+
+    def build(findings: Findings, sources: results.Sources | Exception | list[Dataset],
+              previous: tuple[ResultObject, ...]) -> list[ResultObject]:
+        if isinstance(sources, Exception):
+            raise sources
+        if not isinstance(sources, results.Sources) and not sources:
+            raise ValueError("no source header can identify the series")
+        return results.build_results(findings, sources, epoch=task.epoch, previous=previous,
+                                     created=created, uid_prefix=task.uid_root)
 
     def encode(index: int, findings: Findings, duration: float, sources: results.Sources | Exception) -> None:
         name = names[index]
         previous = tuple(p for p in task.previous if p.analyzer == name)
+        findings = _with_exclusions(findings, excluded, len(task.paths))
+        if repairs:
+            findings = replace(findings, notes=(*findings.notes, *repairs))
         t1 = time.perf_counter()
         try:
-            if isinstance(sources, Exception):
-                raise sources
-            objects = results.build_results(findings, sources, epoch=task.epoch, previous=previous,
-                                            created=created)
+            objects = build(findings, sources, previous)
         except Exception as exc:
             # The findings cannot be encoded (e.g. a mask that does not fit): report the failure.
             LOG.exception("results of %s could not be encoded", name)
             findings = _failed(name, findings.version, findings.kind, f"results could not be encoded: {exc}")
+            findings = replace(findings, notes=(*excluded, *repairs))
             try:
-                if isinstance(sources, Exception):
-                    raise sources
-                objects = results.build_results(findings, sources, epoch=task.epoch, previous=previous,
-                                                created=created)
-            except Exception as again:  # headers nothing can be built on: the outcome still says why
-                LOG.exception("the failure report of %s could not be encoded either", name)
-                findings = replace(findings, error=f"{findings.error}; no failure SR either: {again}")
-                objects = []
+                objects = build(findings, sources, previous)
+            except Exception as again:
+                # Headers the full report cannot be built on: fall back to what identifies the
+                # images (patient, study, series, SOP), so the PACS still gets a failure SR.
+                LOG.exception("the failure report of %s could not be encoded; trying minimal headers", name)
+                findings = replace(findings, notes=(*excluded, *repairs, f"source headers reduced to their identifying "
+                                                               f"attributes: {type(again).__name__}: {again}"))
+                try:
+                    objects = build(findings, _minimal_headers(headers), previous)
+                except Exception as last:  # nothing can be built on: the outcome still says why
+                    LOG.exception("no failure report of %s could be encoded", name)
+                    findings = replace(findings, error=f"{findings.error}; no failure SR either: {last}")
+                    objects = []
         encoded[index] = (objects, AnalyzerOutcome(
             analyzer=name, version=findings.version, kind=str(findings.kind), status=str(findings.status),
             priority=findings.priority.name.lower() if findings.priority is not None else None,
@@ -249,9 +416,22 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
 
     out = [obj for i in range(len(names)) for obj in encoded[i][0]]
     outcomes = [encoded[i][1] for i in range(len(names))]
-    return AnalysisOutcome(tuple(out), tuple(outcomes),
-                           tuple(volume.problems) if volume is not None else (load_error,), round(load_s, 3),
+    volume_problems = (*excluded, *(volume.problems if volume is not None else (load_error,)))
+    return AnalysisOutcome(tuple(out), tuple(outcomes), volume_problems, round(load_s, 3),
                            len(task.paths), round(time.perf_counter() - started, 3))
+
+
+def _load(paths: tuple[str, ...]) -> tuple[Volume | None, str]:
+    """The series' volume, or None and why not: an unreadable series is a finding about the
+    series, not a crash."""
+    from dicomnode import imaging
+
+    try:
+        return imaging.load_volume([Path(p) for p in paths]), ""
+    except Permanent as exc:
+        return None, exc.reason
+    except Exception as exc:
+        return None, f"cannot load series: {exc}"
 
 
 class AnalyzeHandler:
@@ -259,12 +439,13 @@ class AnalyzeHandler:
     in_process = False
 
     def __init__(self, ledger: Ledger, spool: Spool, queue: JobQueue, settings: AnalysisSettings,
-                 audit: Audit) -> None:
+                 audit: Audit, *, uid_root: str | None = None) -> None:
         self.ledger = ledger
         self.spool = spool
         self.queue = queue
         self.settings = settings
         self.audit = audit
+        self.uid_root = uid_root  # [results] uid_root
 
     def prepare(self, job: JobRow) -> AnalysisTask:
         rows = self.ledger.instance_rows(job.series_instance_uid, max_epoch=job.epoch)
@@ -288,7 +469,7 @@ class AnalyzeHandler:
         return AnalysisTask(
             job_id=job.id, series_instance_uid=job.series_instance_uid, epoch=job.epoch,
             analyzers=tuple(job.payload["analyzers"]), paths=paths, settings=self.settings,
-            created=job.created_at, previous=tuple(previous),
+            created=job.created_at, previous=tuple(previous), uid_root=self.uid_root,
         )
 
     def worker_warm_up(self) -> tuple[Callable[..., None], tuple[Any, ...]]:

@@ -17,7 +17,6 @@ scheduler calls :meth:`Assembly.sweep`; nothing here sleeps.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,19 +59,25 @@ class Assembly:
         ledger: Ledger,
         queue: JobQueue,
         default_analyzers: Callable[[SeriesSummary], list[str]],
+        wants_gpu: Callable[[str], bool] = lambda _name: False,
     ) -> None:
         self.config = config
         self.ledger = ledger
         self.queue = queue
         self.default_analyzers = default_analyzers
+        self.wants_gpu = wants_gpu
 
     def _plan(self, row: SeriesRow) -> tuple[SeriesSummary, Plan | None]:
         summary = self.ledger.series_summary(row)
         return summary, plan_for(summary, self.config, self.default_analyzers)
 
     def sweep(self, now: float | None = None) -> tuple[list[Completion], float | None]:
-        """Complete every receiving series that is due; return what was done and the next due time."""
-        now = time.time() if now is None else now
+        """Complete every receiving series that is due; return what was done and the next due time.
+
+        Every receiver may sweep at the same time: each transition is a conditional update on the
+        evidence that was evaluated (epoch, state, instance count), so exactly one sweeper wins it.
+        ``now`` defaults to the ledger's clock, the one the evidence was recorded with."""
+        now = self.ledger.now() if now is None else now
         done: list[Completion] = []
         next_due: float | None = None
         for row in self.ledger.series_in_state(SeriesState.RECEIVING):
@@ -112,21 +117,40 @@ class Assembly:
                 .where(series.c.series_instance_uid == uid)
                 .where(series.c.epoch == epoch)
                 .where(series.c.state == SeriesState.RECEIVING)
+                .where(series.c.instance_count == row.instance_count)
                 .values(state=SeriesState.QUEUED, processed_at=now, rule=plan.rule[:100], note="")
             ).rowcount
             if not moved:
-                return None  # a new instance reopened it meanwhile; the next sweep decides
-            job_id = self.queue.enqueue(
-                conn, JobKind.ANALYZE, series_uid=uid, epoch=epoch, payload=payload,
-                priority=plan.priority, dedup_key=analyze_dedup_key(uid, epoch, plan.analyzers),
-            )
+                # Another sweeper won, or a new instance arrived meanwhile: the next sweep decides.
+                return None
+            job_ids = [
+                self.queue.enqueue(
+                    conn, JobKind.ANALYZE, series_uid=uid, epoch=epoch,
+                    payload={**payload, "analyzers": list(names), **({"gpu": True} if gpu else {})},
+                    priority=plan.priority, dedup_key=analyze_dedup_key(uid, epoch, names),
+                )
+                for names, gpu in self._split_for_queues(plan.analyzers)
+            ]
+        job_id = job_ids[0]
         self.queue.audit.log("series.complete", series_instance_uid=uid, epoch=epoch, rule=plan.rule,
-                             instances=row.instance_count, job=job_id)
+                             instances=row.instance_count, job=job_id,
+                             **({"jobs": job_ids} if len(job_ids) > 1 else {}))
         self.queue.on_enqueued()
         return Completion(uid, epoch, "queued", plan.rule, job_id)
 
+    def _split_for_queues(self, analyzers: tuple[str, ...]) -> list[tuple[tuple[str, ...], bool]]:
+        """One analyze job, or, in a cluster with a GPU queue, one for the analyzers whose manifest
+        asks for a GPU and one for the others, so that CPU work does not wait for a GPU."""
+        queues = self.queue.queues
+        if queues is None or not queues.analyze_gpu:
+            return [(analyzers, False)]
+        gpu = tuple(name for name in analyzers if self.wants_gpu(name))
+        cpu = tuple(name for name in analyzers if name not in gpu)
+        return [(names, on_gpu) for names, on_gpu in ((cpu, False), (gpu, True)) if names]
+
     def _transition(self, row: SeriesRow, state: SeriesState, rule: str, note: str) -> Completion | None:
-        if not self.ledger.mark_series(row.series_instance_uid, row.epoch, state, rule=rule, note=note):
+        if not self.ledger.mark_series(row.series_instance_uid, row.epoch, state, rule=rule, note=note,
+                                       instance_count=row.instance_count):
             return None
         self.queue.audit.log("series." + state.value, series_instance_uid=row.series_instance_uid,
                              epoch=row.epoch, note=note)
@@ -134,17 +158,7 @@ class Assembly:
 
 
 def close_epoch_if_done(ledger: Ledger, series_uid: str, epoch: int) -> bool:
-    """After a job of the epoch ended: the series is DONE when none of its jobs is still open."""
-    with ledger.transaction() as conn:
-        if ledger.epoch_jobs_open(conn, series_uid, epoch):
-            return False
-        return bool(
-            conn.execute(
-                series.update()
-                .where(series.c.series_instance_uid == series_uid)
-                .where(series.c.epoch == epoch)
-                .where(series.c.state == SeriesState.QUEUED)
-                .values(state=SeriesState.DONE)
-            ).rowcount
-        )
+    """After a job of the epoch ended: the series is DONE when none of its jobs is still open.
+    The executors call this after every job of every kind (see ``jobs.end_attempt``)."""
+    return ledger.close_epoch_if_done(series_uid, epoch)
 

@@ -1,6 +1,9 @@
-"""Command line: ``dicomnode serve | check-config | echo | ...``.
+"""Command line: ``dicomnode serve | check-config | init | echo | ...``.
 
 Exit codes: 0 success, 1 operation failed, 2 invalid configuration or usage.
+
+Without ``--config`` every command reads ``$DICOMNODE_CONFIG``, else ``./dicomnode.toml``, else the
+embedded default (:func:`dicomnode.config.find_config`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicomnode.config import DEFAULT_CONFIG_PATH, Config, load_config
+from dicomnode.config import (
+    CONFIG_ENV,
+    EMBEDDED_DEFAULT,
+    LOCAL_CONFIG_NAME,
+    NO_CONFIG_FILE_HINT,
+    Config,
+    embedded_config_text,
+    find_config,
+    load_config,
+)
 from dicomnode.errors import ConfigError
 
 if TYPE_CHECKING:  # the ledger pulls in SQLAlchemy: imported lazily by the commands that need it
@@ -23,27 +35,67 @@ if TYPE_CHECKING:  # the ledger pulls in SQLAlchemy: imported lazily by the comm
 Command = Callable[[argparse.Namespace], int]
 
 
+CONFIG_HELP = f"config file (default: ${CONFIG_ENV}, else ./{LOCAL_CONFIG_NAME}, else the {EMBEDDED_DEFAULT})"
+
+
 def _load(path: str | None) -> Config:
-    return load_config(path if path is not None else DEFAULT_CONFIG_PATH)
+    """The config named by ``--config``, else the one :func:`find_config` finds."""
+    return load_config(find_config(path))
+
+
+def _source(path: Path | None) -> str:
+    return str(path) if path is not None else EMBEDDED_DEFAULT
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    path = find_config(args.file)
     try:
-        config = _load(args.file)
+        config = load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{exc.source}: {problem}" if exc.source else problem)
         return 2
-    print(f"{args.file or DEFAULT_CONFIG_PATH}: ok ({len(config.peers)} peers, "
+    print(f"{_source(path)}: ok ({len(config.peers)} peers, "
           f"{len(config.destinations)} destinations, {len(config.rules)} rules)")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write the commented starter config (the embedded default); never overwrite a file."""
+    import os
+
+    path = Path(args.path)
+    try:
+        # O_EXCL: refuse an existing file even if it appears between a check and the write.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except FileExistsError:
+        print(f"{path}: already exists; not overwritten (remove it or choose another PATH)", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{path}: cannot create: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(embedded_config_text())
+    print(f"wrote {path}")
+    found = find_config(None)
+    if found is not None and found.resolve() == path.resolve():
+        print("dicomnode commands started in this folder use it (no --config needed)")
+    else:
+        print(f"use it with --config {path} or {CONFIG_ENV}={path}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicomnode.node import Node
 
-    config = _load(args.config)
-    node = Node(config, Path(args.config) if args.config else DEFAULT_CONFIG_PATH)
+    path = find_config(args.config)
+    config = load_config(path)
+    try:
+        node = Node(config, path)
+    except Exception as exc:
+        if config.cluster is None:
+            raise
+        return _ledger_unavailable(config, exc)
     stop = threading.Event()
 
     def _signal(signum: int, _frame: object) -> None:
@@ -54,6 +106,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     node.start()
     n = config.node
     print(f"dicomnode {n.ae_title} listening on {n.host}:{n.port} (data in {node.data_dir})", flush=True)
+    if path is None:
+        print(f"config: the {EMBEDDED_DEFAULT} (read only; `dicomnode init` writes a file of your own)",
+              flush=True)
+    else:
+        print(f"config: {path}", flush=True)
     if node.admin is not None:
         print(f"admin console on {node.admin.url}", flush=True)
     stop.wait()
@@ -80,13 +137,43 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def _ledger(args: argparse.Namespace) -> Any:
+    return _open_ledger(_load(args.config))
+
+
+def _open_ledger(config: Config) -> Ledger:
+    """The ledger the node of ``config`` uses: the shared one in cluster mode."""
     from dicomnode.ledger import Ledger
 
-    config = _load(args.config)
-    path = config.node.data_dir.resolve() / "ledger.sqlite3"
-    if not path.exists():
-        raise SystemExit(f"no ledger at {path}: has the node run with this config?")
-    return Ledger.sqlite(str(path))
+    if config.cluster is None:
+        path = config.node.data_dir.resolve() / "ledger.sqlite3"
+        if not path.exists():
+            raise SystemExit(f"no ledger at {path}: has the node run with this config?")
+    from dicomnode.cluster import heartbeat_settings
+
+    try:
+        return Ledger(config.ledger_url, dead_after_s=heartbeat_settings(config)[1])
+    except Exception as exc:  # unreachable database: one line, not a traceback
+        raise SystemExit(f"cannot open the ledger {_safe_url(config.ledger_url)}: {_first_line(exc)}") from None
+
+
+def _ledger_unavailable(config: Config, exc: BaseException) -> int:
+    """The shared ledger is unreachable or cannot be migrated: one line, not a traceback."""
+    print(f"cannot open the ledger {_safe_url(config.ledger_url)}: {_first_line(exc)}", file=sys.stderr)
+    return 1
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, as the operator wrote it (no percent-encoded socket path)."""
+    from urllib.parse import unquote
+
+    from sqlalchemy.engine import make_url
+
+    return unquote(make_url(url).render_as_string(hide_password=True))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _when(ts: float | None) -> str:
@@ -223,7 +310,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     """List, add or remove accepted peers; a running node is told to reload them at once."""
     from dicomnode import config_edit
 
-    path = Path(args.config) if args.config else DEFAULT_CONFIG_PATH
+    path = find_config(args.config)
     if args.action == "list":
         config = load_config(path)
         print(f"{'AE TITLE':16} {'HOSTS':30} DESCRIPTION")
@@ -232,6 +319,9 @@ def cmd_peers(args: argparse.Namespace) -> int:
         return 0
     if not args.ae_title:
         print(f"usage: dicomnode peers {args.action} AE_TITLE", file=sys.stderr)
+        return 2
+    if path is None:
+        print(f"cannot {args.action} a peer: {NO_CONFIG_FILE_HINT}", file=sys.stderr)
         return 2
     try:
         if args.action == "add":
@@ -289,7 +379,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     import pydicom
     from tqdm import tqdm
 
-    from dicomnode.sender import classify, make_ae
+    from dicomnode.sender import EVENT_HANDLERS, classify, make_ae, tls_arguments
 
     config = _load(args.config)
     destination = config.destinations.get(args.to)
@@ -318,10 +408,16 @@ def cmd_send(args: argparse.Namespace) -> int:
     calling = args.calling_ae or config.node.ae_title
     with tqdm(total=len(contexts), unit="file", disable=None) as progress:
         for batch in batches:
-            ae = make_ae(calling)
+            ae = make_ae(calling, destination)
             for context in sorted({contexts[p] for p in batch}):
                 ae.add_requested_context(context[0], [context[1]])
-            assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+            try:
+                assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                                     max_pdu=destination.max_pdu, tls_args=tls_arguments(destination),
+                                     evt_handlers=EVENT_HANDLERS)
+            except OSError as exc:
+                print(f"cannot connect to {destination.host}:{destination.port}: {exc}", file=sys.stderr)
+                return 1
             if not assoc.is_established:
                 print(f"no association with {destination.ae_title}@{destination.host}:{destination.port}",
                       file=sys.stderr)
@@ -370,13 +466,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"node {config.node.ae_title}: not reachable on admin port {config.admin.port} ({exc})")
         exit_code = 1
     path = config.node.data_dir.resolve() / "ledger.sqlite3"
-    if not path.exists():
+    if config.cluster is None and not path.exists():
         print(f"no ledger at {path}")
         return 1
     from dicomnode.domain import JobKind, JobState
-    from dicomnode.ledger import Ledger
 
-    ledger = Ledger.sqlite(str(path))
+    ledger = _open_ledger(config)
     try:
         counts = ledger.job_counts()
         print(f"instances stored: {ledger.count_instances()}")
@@ -407,37 +502,143 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bounded_int(text: str, low: int, high: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{what} must be between {low} and {high}, got {text}")
+    return value
+
+
+def _job_id(text: str) -> int:
+    from dicomnode.domain import MAX_ID
+
+    return _bounded_int(text, 1, MAX_ID, "ID")
+
+
+def _limit(text: str) -> int:
+    return _bounded_int(text, 1, 100_000, "--limit")
+
+
+# --- cluster: db, worker, nodes (docs: README "Scaling out") ------------------------------------
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """Create or upgrade the ledger schema (Alembic), then say which revision it is at."""
+    from dicomnode.ledger import Ledger
+    from dicomnode.migrations import head
+
+    config = _load(args.config)
+    if config.cluster is None:
+        config.node.data_dir.resolve().mkdir(parents=True, exist_ok=True)
+    try:
+        from dicomnode.migrations import upgrade
+
+        ledger = Ledger(config.ledger_url, migrate=False)
+        try:
+            before, after = upgrade(ledger.engine)
+        finally:
+            ledger.close()
+    except Exception as exc:
+        print(f"cannot upgrade {_safe_url(config.ledger_url)}: {_first_line(exc)}", file=sys.stderr)
+        return 1
+    where = _safe_url(config.ledger_url)
+    if before == after:
+        print(f"{where}: at revision {after} (newest: {head()}), nothing to do")
+    else:
+        print(f"{where}: upgraded from {before or 'an empty database'} to revision {after}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run jobs only: a Procrastinate worker in cluster mode, else local workers on the ledger."""
+    config = _load(args.config)
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
+    if config.cluster is not None:
+        from dicomnode.cluster import run_worker
+
+        known = config.cluster.queues.all()
+        unknown = [q for q in queues or [] if q not in known]
+        if unknown:
+            print(f"unknown queue(s) {', '.join(unknown)} (configured: {', '.join(known)})", file=sys.stderr)
+            return 2
+        import sqlalchemy.exc
+
+        try:
+            return run_worker(config, queues, args.concurrency)
+        except sqlalchemy.exc.OperationalError as exc:
+            return _ledger_unavailable(config, exc)
+    from dicomnode.node import Node
+
+    jobs = config.jobs.model_copy(update={"workers": args.concurrency or max(1, config.jobs.workers)})
+    node = Node(config.model_copy(update={"jobs": jobs}), receive=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    node.start()
+    print(f"dicomnode worker {node.node_id} ({node.ledger.process_id}): {jobs.workers} local worker(s) "
+          f"on {_safe_url(config.ledger_url)}", flush=True)
+    stop.wait()
+    node.stop()
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    """One line per receiver and worker process: node id, heartbeat, what it is running."""
+    import datetime as dt
+
+    ledger = _ledger(args)
+    try:
+        rows = ledger.processes(recent_s=args.recent_h * 3600)
+        now = ledger.now()
+    finally:
+        ledger.close()
+    print(f"{'NODE':24} {'ROLE':7} {'STATE':8} {'PID':>7} {'STARTED':19} {'HEARTBEAT':>9}  RUNNING")
+    for p in rows:
+        state = "stopped" if p.stopped_at is not None else "alive" if p.alive else "dead"
+        started = dt.datetime.fromtimestamp(p.started_at).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{p.node_id[:24]:24} {p.role:7} {state:8} {p.pid:>7} {started:19} "
+              f"{now - p.heartbeat_at:>7.1f}s  {p.running}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the node")
-    p.add_argument("--config", help=f"config file (default: {DEFAULT_CONFIG_PATH})")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file; one line per problem")
-    p.add_argument("file", nargs="?")
+    p.add_argument("file", nargs="?", help=CONFIG_HELP)
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("init", help="write a commented starter config (refuses to overwrite)")
+    p.add_argument("path", nargs="?", default=LOCAL_CONFIG_NAME, help=f"where (default: ./{LOCAL_CONFIG_NAME})")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("jobs", help="list jobs, or retry one")
     p.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
-    p.add_argument("id", nargs="?", type=int)
+    p.add_argument("id", nargs="?", type=_job_id)
     p.add_argument("--state", action="append", choices=["queued", "running", "succeeded", "failed", "dead"])
     p.add_argument("--kind", choices=["analyze", "deliver"])
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_limit, default=50)
     p.add_argument("--config")
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("series", help="recent series with state and counts")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_limit, default=50)
     p.add_argument("--config")
     p.set_defaults(func=cmd_series)
 
     p = sub.add_parser("results", help="list result deliveries, or retry one")
     p.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
-    p.add_argument("id", nargs="?", type=int)
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("id", nargs="?", type=_job_id)
+    p.add_argument("--limit", type=_limit, default=50)
     p.add_argument("--config")
     p.set_defaults(func=cmd_results)
 
@@ -480,6 +681,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="node health, queue depth, dead letters")
     p.add_argument("--config")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("db", help="ledger schema: db upgrade creates or upgrades it (Alembic)")
+    p.add_argument("action", choices=["upgrade"])
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("worker", help="run jobs only (cluster: a Procrastinate worker)")
+    p.add_argument("--config")
+    p.add_argument("--queues", help="comma-separated queues (default: all configured)")
+    p.add_argument("--concurrency", type=int, help="jobs at once (default: [jobs] workers)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("nodes", help="receivers and workers of this ledger, with their heartbeats")
+    p.add_argument("--recent-h", type=float, default=1.0, help="also list processes stopped this recently")
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_nodes)
 
     p = sub.add_parser("conformance", help="print the DICOM Conformance Statement generated from the code")
     p.add_argument("--config", help="config file whose values to state (default: the built-in defaults)")

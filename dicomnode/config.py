@@ -6,11 +6,18 @@ in the file, e.g. ``peers[1].ae_title: longer than 16 characters``.
 
 Relative paths (``node.data_dir``, ``analysis.model_dirs``) are resolved against the current
 working directory of the process, like the paths given on the command line.
+
+Which file: :func:`find_config` (``--config``, else ``$DICOMNODE_CONFIG``, else ``./dicomnode.toml``).
+When there is none the node runs on the embedded default, ``dicomnode/dicomnode.toml`` inside the
+package (read with :mod:`importlib.resources`, so it works from any folder and any kind of
+install); such a node has no file of its own and refuses edits rather than write into the
+installation.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.resources
 import ipaddress
 import os
 import re
@@ -31,8 +38,18 @@ from pydantic import (
 from dicomnode.errors import ConfigError
 from dicomnode.models.qc import QcSettings
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "dicomnode.toml"
 ADMIN_TOKEN_ENV = "DICOMNODE_ADMIN_TOKEN"
+CONFIG_ENV = "DICOMNODE_CONFIG"
+LOCAL_CONFIG_NAME = "dicomnode.toml"  # looked for in the working directory
+EMBEDDED_DEFAULT = "embedded default"  # how messages name the packaged default (it has no path of its own)
+_EMBEDDED_RESOURCE = "dicomnode.toml"
+# Without a file to edit, the console and `dicomnode peers` say how to get one.
+NO_CONFIG_FILE_HINT = (
+    f"this node runs on the {EMBEDDED_DEFAULT} config, which is part of the installation and is "
+    f"never edited: write a config of your own with `dicomnode init` (./{LOCAL_CONFIG_NAME}) or "
+    f"`dicomnode init PATH` plus {CONFIG_ENV}=PATH or --config PATH, then restart the node"
+)
+LEDGER_URL_ENV = "DICOMNODE_LEDGER_URL"  # overrides [cluster] ledger_url: keeps a password out of the file
 
 
 def _ae_title(value: str) -> str:
@@ -98,6 +115,33 @@ class NodeSettings(_Settings):
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
+    handshake_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="seconds a new connection has to finish TLS and send its whole A-ASSOCIATE-RQ "
+        "(never more than acse_timeout); then it is closed",
+    )
+    negotiation_slots: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="connections that may be negotiating (connected, no association yet) at once; "
+        "more are reset at the door. They never take max_associations slots",
+    )
+    negotiation_per_host: int = Field(
+        default=8,
+        ge=1,
+        le=4096,
+        description="of those, from any one peer address: a flood from one host cannot starve "
+        "scanners on other hosts",
+    )
+    max_instance_mb: int = Field(
+        default=256,
+        ge=1,
+        description="largest data set accepted, in MiB, after inflating Deflated Explicit VR: "
+        "one that inflates past it is refused with 0xA700, one streamed past it ends its "
+        "association. Raise it for very large multi-frame objects",
+    )
     min_free_mb: int = Field(
         default=512,
         ge=0,
@@ -115,19 +159,43 @@ class Peer(_Settings):
 
 
 class Destination(_Settings):
-    """A Storage SCP that receives our results (usually the PACS)."""
+    """A Storage SCP that receives our results (usually the PACS), and how our Storage SCU talks
+    to it."""
 
     ae_title: AETitle
     host: Host
     port: Port
     tls: bool = False
-    ca_certificates: Path | None = None
+    ca_certificates: Path | None = Field(
+        default=None, description="CA bundle that verifies the destination's certificate (default: the system's)"
+    )
+    certificate: Path | None = Field(
+        default=None, description="our client certificate (PEM), for destinations that require one"
+    )
+    private_key: Path | None = Field(default=None, description="the private key of `certificate` (PEM)")
+    max_pdu: int = Field(
+        default=16382,
+        ge=0,
+        description="largest P-DATA PDU we accept from the destination (PS3.8 D.1); 0 means unlimited. "
+        "What we send is split to the size the destination announces.",
+    )
+    acse_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for association negotiation")
+    dimse_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for a DIMSE response")
+    network_timeout: float = Field(default=60.0, gt=0, description="an idle association is closed after this")
     warning_is_success: list[int] = Field(
         # Every warning of PS3.7 C.4 and PS3.4 B.2.3: the object was stored. Remove one to treat it
         # as a failure (dead letter; a replay then sends the object again).
         default_factory=lambda: [0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007],
         description="C-STORE warning statuses counted as delivered",
     )
+
+    @model_validator(mode="after")
+    def _client_certificate(self) -> Destination:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together: give both or neither")
+        if self.certificate is not None and not self.tls:
+            raise ValueError("certificate is a TLS client certificate: it needs tls = true")
+        return self
 
 
 class Match(_Settings):
@@ -230,12 +298,129 @@ class AssemblySettings(_Settings):
 
 
 class JobsSettings(_Settings):
-    workers: int = Field(default=1, ge=0, le=64, description="analysis worker processes")
-    lease_s: float = Field(default=900.0, gt=0)
-    max_attempts: int = Field(default=5, ge=1)
+    workers: int = Field(
+        default=1, ge=0, le=64,
+        description="analysis workers of this process; 0: this process runs no jobs (another process "
+        "does: `dicomnode worker`)",
+    )
+    worker_kind: Literal["process", "thread"] = Field(
+        default="process",
+        description="process: analyses run in worker processes that die with the node; thread: in "
+        "threads of the node process (tests, tiny sites: a crashing analyzer takes the node down)",
+    )
+    lease_s: float = Field(
+        default=900.0, gt=0,
+        description="a running job whose owner stopped renewing it (heartbeats) for this long runs again",
+    )
+    max_attempts: int = Field(
+        default=5, ge=1,
+        description="attempts after unexpected errors (neither transient nor permanent) or worker deaths",
+    )
+    retry_for_h: float = Field(
+        default=24.0, ge=0,
+        description="transient failures (destination down, 0xA7xx) are retried with capped exponential "
+        "backoff for this many hours after the first failure, then dead-lettered; 0: never retried",
+    )
     backoff_base_s: float = Field(default=5.0, gt=0)
     backoff_max_s: float = Field(default=900.0, gt=0)
     poll_interval_s: float = Field(default=1.0, gt=0)
+
+
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_QUEUE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def _node_id(value: str) -> str:
+    if value and not _NODE_ID.fullmatch(value):
+        raise ValueError(f"{value!r} is not a node id (letters, digits, '.', '_', '-'; at most 100)")
+    return value
+
+
+def _queue_name(value: str) -> str:
+    if value and not _QUEUE_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a queue name (lower-case letters, digits, '.', '_', '-')")
+    return value
+
+
+QueueName = Annotated[str, AfterValidator(_queue_name)]
+
+
+class QueueNames(_Settings):
+    """The Procrastinate queue of each job kind. Workers choose queues with ``--queues``."""
+
+    analyze: QueueName = "analyze-cpu"
+    analyze_gpu: QueueName = Field(
+        default="",
+        description="queue for analyzers whose manifest asks for a GPU (`gpu = true`); empty: they "
+        "stay on the analyze queue",
+    )
+    deliver: QueueName = "deliver"
+
+    @model_validator(mode="after")
+    def _required(self) -> QueueNames:
+        for name in ("analyze", "deliver"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: must not be empty")
+        return self
+
+    def all(self) -> list[str]:
+        names = [getattr(self, field) for field in type(self).model_fields]
+        return sorted({n for n in names if n})
+
+
+def _ledger_url(value: str) -> str:
+    """A SQLAlchemy URL of a PostgreSQL database reached through psycopg 3."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError) as exc:
+        raise ValueError(f"not a database URL: {exc}") from None
+    if url.drivername not in ("postgresql+psycopg", "postgresql"):
+        raise ValueError(f"{url.drivername!r} is not supported: use postgresql+psycopg://user@host/db "
+                         "(or ...@/db?host=/run/postgresql for a Unix socket)")
+    if not url.database:
+        raise ValueError("names no database")
+    if not url.host and not url.query.get("host"):
+        raise ValueError("names no host: add @host or ?host=/path/of/the/socket/folder")
+    if url.drivername == "postgresql":  # the psycopg 3 driver, whatever SQLAlchemy's default is
+        return "postgresql+psycopg" + value.strip()[len("postgresql"):]
+    return value.strip()
+
+
+class ClusterSettings(_Settings):
+    """Cluster mode: a shared PostgreSQL ledger, a shared spool, Procrastinate workers."""
+
+    ledger_url: Annotated[str, AfterValidator(_ledger_url)] = Field(
+        description="SQLAlchemy URL of the shared ledger, e.g. "
+        f"postgresql+psycopg://dicomnode@/dicomnode?host=/run/postgresql; {LEDGER_URL_ENV} overrides it"
+    )
+    spool_root: Path = Field(description="the shared spool, mounted at the same path on every host")
+    node_id: Annotated[str, AfterValidator(_node_id)] = Field(
+        default="", description="names this receiver or worker; default: host name and DICOM port"
+    )
+    heartbeat_s: float = Field(default=5.0, gt=0, le=300)
+    dead_after_s: float = Field(
+        default=30.0, gt=0,
+        description="a process without a heartbeat for this long counts as dead: its open associations "
+        "count as closed and its jobs run again",
+    )
+    queues: QueueNames = Field(default_factory=QueueNames)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ledger_url_from_environment(cls, data: Any) -> Any:
+        url = os.environ.get(LEDGER_URL_ENV)
+        if url and isinstance(data, dict):
+            return {**data, "ledger_url": url}
+        return data
+
+    @model_validator(mode="after")
+    def _heartbeats_fit(self) -> ClusterSettings:
+        if self.dead_after_s <= 2 * self.heartbeat_s:
+            raise ValueError("dead_after_s must be more than twice heartbeat_s")
+        return self
 
 
 class AnalysisSettings(_Settings):
@@ -248,14 +433,47 @@ class AnalysisSettings(_Settings):
     qc: QcSettings = Field(default_factory=QcSettings)
 
 
+# Generated UIDs are the root plus digits of a hash of the result's identity, 64 characters in all
+# (PS3.5 9.1): a root of at most 40 characters leaves at least 23 digits of hash.
+UID_ROOT_MAX_LENGTH = 40
+
+
+def _uid_root(value: str) -> str:
+    """A UID root (PS3.5 9.1) for generated UIDs, returned with its trailing dot."""
+    root = value.strip().removesuffix(".")
+    if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", root):
+        raise ValueError(f"{value!r} is not a UID root: digits separated by dots, no leading zeros (PS3.5 9.1)")
+    if root.split(".")[0] not in ("0", "1", "2"):
+        raise ValueError(f"{value!r} is not a UID root: the first component is 0, 1 or 2 (ISO/IEC 8824)")
+    if root == "2.25" or root.startswith("2.25."):
+        raise ValueError("2.25 is for UUID-derived UIDs (PS3.5 B.2); use a root registered to your organisation")
+    if len(root) > UID_ROOT_MAX_LENGTH:
+        raise ValueError(f"longer than {UID_ROOT_MAX_LENGTH} characters ({len(root)})")
+    return root + "."
+
+
+class ResultsSettings(_Settings):
+    uid_root: Annotated[str, AfterValidator(_uid_root)] | None = Field(
+        default=None,
+        description="UID root for every UID of our result objects (SR, SEG, tracking UIDs); "
+        "default: pydicom's root",
+    )
+
+
+def _token(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("must not be empty or blank; leave the key out to run without a token")
+    return value
+
+
 class AdminSettings(_Settings):
     enabled: bool = True
     host: Host = "127.0.0.1"
     port: Port = 8080
-    token: str | None = Field(
+    token: Annotated[str | None, AfterValidator(_token)] = Field(
         default=None,
         description=f"bearer token for the console and API; the {ADMIN_TOKEN_ENV} environment "
-        "variable overrides it",
+        "variable overrides it. Without a token the console listens on loopback only.",
     )
 
 
@@ -272,8 +490,10 @@ class Config(_Settings):
     rules: list[Rule] = Field(default_factory=list)
     jobs: JobsSettings = Field(default_factory=JobsSettings)
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    cluster: ClusterSettings | None = None
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -289,8 +509,19 @@ class Config(_Settings):
         return None
 
     @property
+    def ledger_url(self) -> str:
+        """The shared ledger in cluster mode, else the embedded SQLite file in ``node.data_dir``."""
+        if self.cluster is not None:
+            return self.cluster.ledger_url
+        return f"sqlite:///{self.node.data_dir.resolve() / 'ledger.sqlite3'}"
+
+    @property
     def admin_token(self) -> str | None:
-        return os.environ.get(ADMIN_TOKEN_ENV) or self.admin.token
+        """The console's token: the environment's, else the file's; None when neither is set. A
+        blank environment variable counts as unset (the file's blank token is a config error)."""
+        from_environment = os.environ.get(ADMIN_TOKEN_ENV, "")
+        token = from_environment if from_environment.strip() else self.admin.token
+        return token if token and token.strip() else None
 
 
 def reference_problems(config: Config, analyzer_names: list[str] | None = None) -> list[str]:
@@ -375,15 +606,43 @@ def parse_config(data: dict[str, Any], source: str = "") -> Config:
         raise ConfigError(_problems(exc), source) from None
 
 
+def embedded_config_text() -> str:
+    """The embedded default config, as shipped inside the package (comments included)."""
+    return importlib.resources.files("dicomnode").joinpath(_EMBEDDED_RESOURCE).read_text(encoding="utf-8")
+
+
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The config file to use: ``explicit`` (``--config``), else ``$DICOMNODE_CONFIG``, else
+    ``./dicomnode.toml`` when it exists; None means the embedded default.
+
+    A path named explicitly or by the environment is returned even if it does not exist, so that
+    loading it reports ``cannot read`` rather than silently falling back to the defaults.
+    """
+    if explicit is not None:
+        return Path(explicit)
+    from_environment = os.environ.get(CONFIG_ENV, "").strip()
+    if from_environment:
+        return Path(from_environment)
+    local = Path(LOCAL_CONFIG_NAME)
+    return local if local.is_file() else None
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read and validate a TOML config; ``None`` reads the shipped embedded default."""
-    file = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    """Read and validate a TOML config; ``None`` reads the embedded default (no lookup: see
+    :func:`find_config`)."""
+    if path is None:
+        return _parse_text(embedded_config_text(), EMBEDDED_DEFAULT)
+    file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"cannot read: {exc.strerror or exc}"], str(file)) from None
+    return _parse_text(text, str(file))
+
+
+def _parse_text(text: str, source: str) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"not valid TOML: {exc}"], str(file)) from None
-    return parse_config(data, str(file))
+        raise ConfigError([f"not valid TOML: {exc}"], source) from None
+    return parse_config(data, source)

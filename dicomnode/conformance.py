@@ -64,8 +64,10 @@ from dicomnode.receiver import (
     VERIFICATION_SOP_CLASS,
     PeerTable,
     Receiver,
+    edge_limits,
 )
 from dicomnode.spool import Spool
+from dicomnode.transport import CONTROL_PDU_LIMIT
 
 __all__ = ["REGENERATE", "CodeUse", "render", "representative_results", "result_codes"]
 
@@ -733,6 +735,7 @@ as the calling AE title.
 
 def _scp_specification(facts: _Facts) -> str:
     ae, s = facts.scp, facts.config.node
+    handshake = edge_limits(s).handshake_timeout
     storage = [(uid, ts) for uid, ts in facts.contexts if uid != VERIFICATION_SOP_CLASS]
     sop_rows = [(_sop_name(uid), f"`{uid}`", "No", "Yes") for uid, _ in facts.contexts]
     by_syntaxes: dict[tuple[str, ...], list[str]] = defaultdict(list)
@@ -780,11 +783,20 @@ Table 2. SOP classes of the Storage SCP
 | Maximum PDU size received | {_pdu(ae.maximum_pdu_size)} (`node.max_pdu`) |
 | Called AE title required | {"yes: `" + s.ae_title + "`" if ae.require_called_aet else "no"} |
 | ACSE / DIMSE / network timeout | {ae.acse_timeout:g} s / {ae.dimse_timeout:g} s / {ae.network_timeout:g} s |
+| Handshake deadline (TLS and A-ASSOCIATE-RQ) | {handshake:g} s (`node.handshake_timeout`, at most the ACSE timeout) |
 
 ###### Number of Associations
 
-At most {ae.maximum_associations} concurrent associations (`node.max_associations`); each runs in
-its own thread. The node never initiates an association from the SCP.
+At most {s.max_associations} concurrent associations (`node.max_associations`); each runs in its own
+thread. The node never initiates an association from the SCP. Only negotiated associations count:
+a TCP connection that has not yet sent its whole A-ASSOCIATE-RQ is *negotiating*, in a separate
+pool of {s.negotiation_slots} connections (`node.negotiation_slots`), at most {s.negotiation_per_host} from one peer
+address (`node.negotiation_per_host`). A connection over either bound is reset at once; a
+negotiating connection has the handshake deadline above to finish TLS and its A-ASSOCIATE-RQ, then
+it is closed. A PDU longer than the Maximum Length the node announced (P-DATA-TF) or than
+{CONTROL_PDU_LIMIT // 2**20} MiB (any other PDU) ends its association with an A-ABORT (source service provider,
+reason invalid PDU parameter value) before its body is read; so does a data set that streams past
+`node.max_instance_mb` ({s.max_instance_mb} MiB), at the fragment that crosses it.
 
 ###### Asynchronous Nature
 
@@ -864,8 +876,9 @@ def _acceptance_policy(facts: _Facts) -> str:
         else:
             rows.append((f"`{calling}` from {host}", f"A-ASSOCIATE-RJ: {decision.reason}",
                          *_reject_row(REJECT_CALLING_AE)))
-    rows.append((f"association number {facts.scp.maximum_associations + 1} while "
-                 f"{facts.scp.maximum_associations} are open", "A-ASSOCIATE-RJ", *_reject_row(_REJECT_LOCAL_LIMIT)))
+    limit = facts.config.node.max_associations
+    rows.append((f"association number {limit + 1} while {limit} are open", "A-ASSOCIATE-RJ",
+                 *_reject_row(_REJECT_LOCAL_LIMIT)))
     rows.append((f"called AE title other than `{facts.config.node.ae_title}`", "A-ASSOCIATE-RJ",
                  *_reject_row(_REJECT_CALLED_AE)))
     return f"""
@@ -875,9 +888,10 @@ every association request, before presentation contexts are negotiated, against 
 force at that moment (an edit through the console or `dicomnode peers` applies to the next
 association). When several checks fail, the first rejecting row of Table 4 that applies is the one
 reported. The peer check writes `association.requested` or `association.rejected` to the audit log;
-the last two rows are decided by the DICOM upper layer (pynetdicom) after an `association.requested`
-entry and are audited as `association.rejected` with their reason; an association that is finally
-accepted is audited as `association.accepted`.
+the last two rows are decided after an `association.requested` entry (the association limit by the
+node's transport layer, counting live associations only; the called AE title by pynetdicom) and are
+audited as `association.rejected` with their reason; an association that is finally accepted is
+audited as `association.accepted`.
 
 Table 4. Association acceptance, for the example peers `SCANNER1` (hosts 192.0.2.10) and
 `ANYWHERE` (any host)
@@ -904,10 +918,14 @@ transfer syntax: no element is added, removed or coerced, so digital signatures,
 and pixel data are preserved. Only the File Meta Information header is the node's own. Stored
 objects are kept until an operator removes them; there is no automatic deletion.
 
-**Checks before Success.** The Affected SOP Class and Instance UIDs must be valid UIDs; the data set
-must parse; its SOP Class UID and SOP Instance UID must equal those of the C-STORE request; Study
-and Series Instance UID must be present; for {checked} the Modality must be the one the IOD
-requires and pixel data must be present. Nothing else of the IOD is validated.
+**Checks before Success.** The C-STORE must come on the presentation context negotiated for its
+Affected SOP Class; the Affected SOP Class and Instance UIDs must be valid UIDs; the data set must
+parse, every top-level element with a VR of PS3.5 6.2 (pixel data is skipped, never decoded), and a
+deflated data set may inflate to at most `node.max_instance_mb`; its SOP Class UID and SOP Instance
+UID must equal those of the C-STORE request; Study and Series Instance UID must be present; these
+four UIDs must be valid as received (PS3.5 9.1, at most one trailing pad byte: no leading, inner or
+extra spaces); for {checked} the Modality must be the one the IOD requires and pixel data must be
+present. Nothing else of the IOD is validated.
 
 **Duplicates.** A SOP Instance UID already in the ledger is answered with Success. The first copy is
 kept, the ledger keeps one row, and the duplicate neither changes the series nor starts any
@@ -962,8 +980,8 @@ Verification is used only by the operator command `dicomnode destinations echo N
 |---|---|
 | Application Context Name | `{APPLICATION_CONTEXT_NAME}` |
 | Calling AE title | `{ae.ae_title}` (`node.ae_title`) |
-| Maximum PDU size received | {_pdu(ae.maximum_pdu_size)} |
-| ACSE / DIMSE / network timeout | {ae.acse_timeout:g} s / {ae.dimse_timeout:g} s / {ae.network_timeout:g} s |
+| Maximum PDU size received | {_pdu(ae.maximum_pdu_size)} (per destination: `max_pdu`) |
+| ACSE / DIMSE / network timeout | {_timeouts(ae)} {_PER_DESTINATION} |
 | Implementation Class UID | `{ae.implementation_class_uid}` |
 | Implementation Version Name | `{ae.implementation_version_name}` |
 
@@ -985,8 +1003,9 @@ Association-level outcomes: a connection failure, timeout, abort or A-ASSOCIATE-
 (transient) is retried; an A-ASSOCIATE-RJ with result 1 (permanent) or an association on which the
 destination accepted no presentation context for the object's SOP class makes the delivery a dead
 letter. Retries use exponential backoff from `jobs.backoff_base_s` ({jobs.backoff_base_s:g} s) up
-to `jobs.backoff_max_s` ({jobs.backoff_max_s:g} s); after `jobs.max_attempts` ({jobs.max_attempts})
-attempts the delivery becomes a dead letter. The association is released after the C-STORE response.
+to `jobs.backoff_max_s` ({jobs.backoff_max_s:g} s) for `jobs.retry_for_h` ({jobs.retry_for_h:g} h)
+after the first failure; then the delivery becomes a dead letter. The association is released after
+the C-STORE response.
 
 Table 8. Handling of C-STORE response statuses (`sender.classify`; warnings counted as success by
 default: {warnings}, configurable per destination as `warning_is_success`)
@@ -1120,7 +1139,7 @@ def _security(facts: _Facts) -> str:
     fields = [(f"`node.tls.{name}`", _value(field.default) if not field.is_required() else "(required)",
                " ".join((field.description or "").split()))
               for name, field in TlsSettings.model_fields.items()]
-    context_and_host = sender._tls(Destination(ae_title="PACS", host="pacs.example", port=2762, tls=True))
+    context_and_host = sender.tls_arguments(Destination(ae_title="PACS", host="pacs.example", port=2762, tls=True))
     assert context_and_host is not None
     client = context_and_host[0]
     return f"""
@@ -1151,8 +1170,9 @@ Table 10. Client certificates on the TLS listener
 **TLS on the Storage SCU** (per destination, `tls = true`): minimum version
 {_tls_version(client.minimum_version)}; the server certificate is verified against the
 destination's `ca_certificates` or the system store ({client.verify_mode.name}); the host name is
-{"checked" if client.check_hostname else "not checked"}. The SCU presents no client certificate, so
-a destination that requires one cannot be reached over TLS.
+{"checked" if client.check_hostname else "not checked"}. A destination that requires a client
+certificate gets the one named by its `certificate` and `private_key` (PEM); without them the SCU
+presents none.
 
 ### 5.2 Association Level Security
 
@@ -1161,7 +1181,7 @@ must be `{facts.config.node.ae_title}`.
 
 ### 5.3 Application Level Security
 
-An audit log (`data_dir/audit.log`, one JSON object per line) records association requests,
+An audit log (`data_dir/audit.jsonl`, JSON lines: one object per line) records association requests,
 rejections, releases and aborts, every stored, duplicate and refused instance, analysis and delivery
 outcomes. It carries identifiers only (AE titles, hosts, UIDs, statuses); patient names only with
 `audit.include_patient_names`. It is not a DICOM Audit Trail (PS3.15 Annex A.5) and is not sent to
@@ -1171,6 +1191,13 @@ The admin console and API (`admin.host`, default `{facts.config.admin.host}`) re
 when `admin.token` or `DICOMNODE_ADMIN_TOKEN` is set, except `/healthz`; without a token they listen
 on loopback only, open to every local user.
 """
+
+
+def _timeouts(ae: Any) -> str:
+    return f"{ae.acse_timeout:g} s / {ae.dimse_timeout:g} s / {ae.network_timeout:g} s"
+
+
+_PER_DESTINATION = "(per destination: `acse_timeout`, `dimse_timeout`, `network_timeout`)"
 
 
 def _tls_version(version: Any) -> str:

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     from pydicom.dataset import Dataset
 
+# Ledger ids (jobs, results) are SQL BIGINT (SQLite INTEGER, PostgreSQL bigint): an id read from
+# outside (URL, command line) beyond this range names nothing and must be refused before a query.
+MAX_ID = 2**63 - 1
+
 
 class SeriesState(enum.StrEnum):
     """Where a series epoch stands (ledger ``series.state``)."""

@@ -31,9 +31,17 @@ class StoreRefused(DicomNodeError):
 
 
 class OutOfResources(StoreRefused):
-    """Refused: Out of Resources (disk full, below the free-space floor, ledger unavailable)."""
+    """Refused: Out of Resources (disk full, below the free-space floor, ledger unavailable, a
+    deflated data set that inflates past `node.max_instance_mb`)."""
 
     status = 0xA700
+
+
+class SopClassNotSupported(StoreRefused):
+    """Refused: SOP Class not supported (the C-STORE came on a presentation context negotiated for
+    another SOP class, e.g. CT Image Storage on the Verification or MR Image Storage context)."""
+
+    status = 0x0122
 
 
 class DataSetMismatch(StoreRefused):
@@ -43,7 +51,8 @@ class DataSetMismatch(StoreRefused):
 
 
 class CannotUnderstand(StoreRefused):
-    """Error: Cannot understand (unparseable data set, missing or invalid UIDs)."""
+    """Error: Cannot understand (unparseable data set, an element with an unknown VR, missing or
+    invalid UIDs)."""
 
     status = 0xC000
 

@@ -1,27 +1,30 @@
-"""A durable job queue on the ledger, and the executor that runs its jobs.
+"""A durable job queue on the ledger, and the executors that run its jobs.
 
 The seam is :class:`JobQueue`: ``enqueue``, ``claim`` (with a lease), ``complete`` and ``fail``.
 Everything a job needs is in its ledger row, so a crashed worker's job is claimed again once its
-lease expires (or at once, on the restart of the node that held it). A site that outgrows one
-machine replaces :class:`LocalExecutor` with an existing distributed engine (e.g. Celery or Dask
-workers calling the same handlers) behind the same queue; nothing else changes.
+owner is seen dead (no heartbeat, or its process is gone) or its lease expires. Two executors run
+the same handlers: :class:`LocalExecutor` (embedded: worker processes of the node) and, in cluster
+mode, Procrastinate workers fed by :class:`dicomnode.cluster.ClusterDispatcher`. The ledger's jobs
+table stays the truth (attempts, retries, dead letters, replay); an engine only carries and runs.
 
-Failure classes: :class:`~dicomnode.errors.Transient` is retried with exponential backoff until
-``max_attempts``; :class:`~dicomnode.errors.Permanent` (and anything unexpected after the last
-attempt) goes to ``dead`` with its reason.
+Failure classes: :class:`~dicomnode.errors.Transient` is retried with capped exponential backoff for
+``retry_for_h`` hours after the first failure (a PACS that is down for a night still gets its
+results); :class:`~dicomnode.errors.Permanent` goes to ``dead`` at once with its reason; anything
+unexpected (a bug, a worker process that died) is retried up to ``max_attempts``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import logging
 import multiprocessing
 import os
-import socket
+import signal
+import sys
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,27 +32,48 @@ from typing import Any, Protocol
 from sqlalchemy.engine import Connection
 
 from dicomnode.audit import Audit
-from dicomnode.config import JobsSettings
+from dicomnode.config import JobsSettings, QueueNames
 from dicomnode.domain import JobKind, JobState, Priority
-from dicomnode.errors import Permanent, Transient
-from dicomnode.ledger import JobRow, Ledger, jobs
+from dicomnode.errors import DicomNodeError, Permanent, Transient
+from dicomnode.ledger import JobRow, Ledger, process_identity
 
 LOG = logging.getLogger(__name__)
 
 
-def owner_prefix() -> str:
-    return f"{socket.gethostname()}:"
+class WorkerDied(DicomNodeError):
+    """The process running a job died (killed, out of memory): retried up to ``max_attempts``, as
+    an analysis that kills its worker every time must not be retried for a whole day."""
 
 
 class JobQueue:
     """The narrow interface every executor uses."""
 
-    def __init__(self, ledger: Ledger, settings: JobsSettings, audit: Audit) -> None:
+    def __init__(self, ledger: Ledger, settings: JobsSettings, audit: Audit,
+                 queues: QueueNames | None = None) -> None:
         self.ledger = ledger
         self.settings = settings
         self.audit = audit
-        self.owner = f"{owner_prefix()}{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.queues = queues  # cluster mode: the engine queue of each job kind
+        self._fallback_owner = process_identity()
         self.on_enqueued: Callable[[], None] = lambda: None
+
+    @property
+    def owner(self) -> str:
+        """The lease owner: this process's id in ``nodes`` once registered."""
+        return self.ledger.process_id or self._fallback_owner
+
+    def queue_for(self, kind: JobKind, payload: dict[str, Any]) -> str:
+        """The engine queue that carries a job ("" in embedded mode)."""
+        if self.queues is None:
+            return ""
+        if kind is JobKind.ANALYZE:
+            if payload.get("gpu") and self.queues.analyze_gpu:
+                return self.queues.analyze_gpu
+            return self.queues.analyze
+        name = getattr(self.queues, kind.value, "")
+        if not name:
+            raise ValueError(f"no queue is configured for {kind.value} jobs ([cluster.queues])")
+        return str(name)
 
     def enqueue(
         self,
@@ -72,6 +96,7 @@ class JobQueue:
             payload=payload,
             priority=priority,
             max_attempts=self.settings.max_attempts,
+            queue=self.queue_for(kind, payload),
         )
         if job_id is not None:
             self.audit.log("job.queued", job=job_id, kind=kind, series_instance_uid=series_uid,
@@ -80,6 +105,13 @@ class JobQueue:
 
     def claim(self, kinds: list[JobKind]) -> JobRow | None:
         job = self.ledger.claim(kinds, self.owner, self.settings.lease_s)
+        if job is not None:
+            self.audit.log("job.running", job=job.id, kind=job.kind, attempt=job.attempts)
+        return job
+
+    def claim_job(self, job_id: int) -> JobRow | None:
+        """Take one given job if it is runnable (an engine delivered its id); None otherwise."""
+        job = self.ledger.claim_job(job_id, self.owner, self.settings.lease_s)
         if job is not None:
             self.audit.log("job.running", job=job.id, kind=job.kind, attempt=job.attempts)
         return job
@@ -97,43 +129,59 @@ class JobQueue:
 
     def fail(self, job: JobRow, error: BaseException) -> JobState:
         """Record a failed attempt: retry later (``failed``) or give up (``dead``)."""
+        s = self.settings
+        now = self.ledger.now()
+        failing_since: float | None = job.failing_since
+        delay = 0.0
         if isinstance(error, Permanent):
-            state, reason, delay = JobState.DEAD, error.reason, 0.0
-        else:
-            reason = error.reason if isinstance(error, Transient) else f"{type(error).__name__}: {error}"
-            if job.attempts >= job.max_attempts:
-                state, delay = JobState.DEAD, 0.0
-                reason = f"{reason} (gave up after {job.attempts} attempts)"
+            state, reason = JobState.DEAD, error.reason
+        elif isinstance(error, Transient):
+            reason = error.reason
+            failing_since = failing_since if failing_since is not None else now
+            left = failing_since + s.retry_for_h * 3600 - now
+            if left <= 0:
+                state = JobState.DEAD
+                reason = (f"{reason} (not retried: retry_for_h = 0)" if s.retry_for_h == 0 else
+                          f"{reason} (gave up: still failing after {_duration(now - failing_since)}, "
+                          f"{job.attempts} attempts; retry_for_h = {s.retry_for_h:g})")
             else:
                 state = JobState.FAILED
-                hint = error.defer if isinstance(error, Transient) else None
-                delay = hint if hint is not None else self.backoff(job.attempts)
+                delay = min(error.defer if error.defer is not None else self.backoff(job.attempts), left)
+        else:
+            reason = str(error) if isinstance(error, WorkerDied) else f"{type(error).__name__}: {error}"
+            if job.attempts >= job.max_attempts:
+                state = JobState.DEAD
+                reason = f"{reason} (gave up after {job.attempts} attempts)"
+            else:
+                state, delay = JobState.FAILED, self.backoff(job.attempts)
         with self.ledger.transaction() as conn:
             self.ledger.finish_job(conn, job.id, self.owner, state, error=reason,
-                                   not_before=time.time() + delay if state is JobState.FAILED else None)
+                                   retry_in_s=delay if state is JobState.FAILED else None,
+                                   failing_since=failing_since)
         self.audit.log(f"job.{state.value}", job=job.id, kind=job.kind, attempt=job.attempts,
                        reason=reason, retry_in_s=round(delay, 3) if state is JobState.FAILED else None)
         return state
 
-    def release_stale_leases(self) -> int:
-        """At start-up: jobs leased by an earlier process on this host are orphans; run them again."""
-        import sqlalchemy as sa
+    def job_ended(self, job: JobRow) -> None:
+        """After any attempt of any kind: the series epoch is done once none of its jobs is open."""
+        self.ledger.close_epoch_if_done(job.series_instance_uid, job.epoch)
 
-        with self.ledger.transaction() as conn:
-            result = conn.execute(
-                jobs.update()
-                .where(jobs.c.state == JobState.RUNNING)
-                .where(jobs.c.lease_owner.like(owner_prefix() + "%"))
-                .where(jobs.c.lease_owner != self.owner)
-                .values(state=JobState.QUEUED, lease_owner=None, lease_expires=None,
-                        not_before=sa.literal(time.time()))
-            )
-            return int(result.rowcount or 0)
+    def release_stale_leases(self) -> int:
+        """At start-up: jobs leased by a process that is gone run again at once."""
+        return self.ledger.release_stale_leases(self.owner)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"
 
 
 class JobHandler(Protocol):
-    """What a job kind does. ``prepare`` and ``finish`` run in the node process (ledger, spool);
-    ``run`` runs in an executor worker and must be picklable work on plain data."""
+    """What a job kind does. ``prepare`` and ``finish`` run in the process that claimed the job
+    (ledger, spool); ``run`` may run in another process and must be picklable work on plain data."""
 
     kind: JobKind
     in_process: bool  # True: run in a thread (I/O-bound); False: in a worker process (CPU-bound)
@@ -145,6 +193,98 @@ class JobHandler(Protocol):
     def finish(self, job: JobRow, result: Any) -> None: ...
 
 
+def run_attempt(queue: JobQueue, handler: JobHandler, job: JobRow, run: Callable[[Any], Any]) -> None:
+    """One attempt of a claimed job, start to end, in the calling thread: prepare, run (through
+    ``run``), finish, or record the failure; then close the epoch if it was the last open job."""
+    try:
+        result = run(handler.prepare(job))
+        handler.finish(job, result)
+    except BaseException as exc:
+        end_attempt(queue, handler, job, exc)
+    else:
+        end_attempt(queue, handler, job, None)
+
+
+def end_attempt(queue: JobQueue, handler: JobHandler, job: JobRow, error: BaseException | None) -> None:
+    """Record how an attempt ended (the handler's ``finish`` already ran on success)."""
+    try:
+        if error is not None:
+            if not isinstance(error, (Transient, Permanent, WorkerDied)):
+                LOG.error("job %s failed: %s", job.id, "".join(traceback.format_exception(error)))
+            queue.fail(job, error)
+            on_failed = getattr(handler, "on_failed", None)
+            if on_failed is not None:
+                on_failed(job)
+        queue.job_ended(job)
+    except Exception:
+        LOG.exception("could not record the end of job %s", job.id)
+
+
+class Executor(Protocol):
+    """What the node starts, stops and wakes: runs jobs here, hands them to an engine, or neither."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+    @property
+    def busy(self) -> int: ...
+
+
+class NoExecutor:
+    """``[jobs] workers = 0``: this process runs no jobs (another process does)."""
+
+    busy = 0
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+
+# --- worker processes die with their node ----------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Run first in every worker process: when the node dies, even by kill -9, its workers die too.
+
+    On Linux the kernel sends SIGKILL when the parent goes (``prctl(PR_SET_PDEATHSIG)``); everywhere
+    a watch thread ends the process once it has been re-parented. Without this, the workers of a
+    killed node ran on, orphaned, holding hundreds of MB each, and a restarted node could not tell
+    their late work from its own.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the watch thread below still applies
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int, interval_s: float = 0.5) -> None:
+    while True:
+        time.sleep(interval_s)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def _worker_init(parent_pid: int, initializer: Callable[..., None] | None, args: tuple[Any, ...]) -> None:
+    die_with_parent(parent_pid)
+    if initializer is not None:
+        initializer(*args)
+
+
 @dataclass
 class _InFlight:
     job: JobRow
@@ -152,20 +292,24 @@ class _InFlight:
 
 
 class LocalExecutor:
-    """Claims jobs from the ledger and runs them: CPU work in a process pool, I/O in threads.
+    """Claims jobs from the ledger and runs them: CPU work in worker processes (or threads, with
+    ``worker_kind = "thread"``), I/O in threads of this process.
 
-    ``workers = 0`` runs analysis in a thread of the node process (tests, tiny sites).
+    Every worker process is started from the dispatcher thread, which lives as long as the
+    executor: Linux delivers the parent-death signal when the *thread* that started a child ends.
     """
 
     def __init__(self, queue: JobQueue, handlers: list[JobHandler], workers: int,
                  worker_initializer: Callable[..., None] | None = None,
-                 initializer_args: tuple[Any, ...] = ()) -> None:
+                 initializer_args: tuple[Any, ...] = (), worker_kind: str = "process") -> None:
         self.queue = queue
         self.handlers = {h.kind: h for h in handlers}
-        self.workers = workers
+        self.workers = max(1, workers)
+        self.use_processes = worker_kind == "process"
         self._threads = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="job-io")
-        self._cpu_threads = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-cpu")
+        self._cpu_threads = cf.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="job-cpu")
         self._processes: cf.ProcessPoolExecutor | None = None
+        self._pool_broken = False
         self._initializer = worker_initializer
         self._initargs = initializer_args
         self._in_flight: dict[int, _InFlight] = {}
@@ -177,14 +321,6 @@ class LocalExecutor:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.workers > 0:
-            self._processes = cf.ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=self._initializer,
-                initargs=self._initargs,
-            )
-            self._warm_up(self._processes)
         self._thread = threading.Thread(target=self._loop, name="job-dispatcher", daemon=True)
         self._thread.start()
 
@@ -192,11 +328,19 @@ class LocalExecutor:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join()  # it shuts the worker processes down before it ends
         self._threads.shutdown(wait=True, cancel_futures=True)
         self._cpu_threads.shutdown(wait=True, cancel_futures=True)
-        if self._processes is not None:
-            self._processes.shutdown(wait=True, cancel_futures=True)
+
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
+        pool = cf.ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(os.getpid(), self._initializer, self._initargs),
+        )
+        self._warm_up(pool)
+        return pool
 
     def _warm_up(self, pool: cf.ProcessPoolExecutor) -> None:
         """Start the worker processes now and let each CPU-bound handler preload what its jobs
@@ -224,20 +368,28 @@ class LocalExecutor:
     def _capacity(self, handler: JobHandler) -> int:
         with self._lock:
             running = [f for f in self._in_flight.values() if f.handler.in_process == handler.in_process]
-        limit = 4 if handler.in_process else max(1, self.workers)
+        limit = 4 if handler.in_process else self.workers
         return limit - len(running)
 
     def _loop(self) -> None:
         interval = self.queue.settings.poll_interval_s
-        while not self._stop.is_set():
-            try:
-                claimed = self.dispatch_once()
-            except Exception:
-                LOG.exception("job dispatcher error")
-                claimed = 0
-            if not claimed:
-                self._wake.wait(timeout=interval)
-                self._wake.clear()
+        try:
+            if self.use_processes and any(not h.in_process for h in self.handlers.values()):
+                self._processes = self._new_pool()
+            while not self._stop.is_set():
+                if self._pool_broken:
+                    self._restart_pool()
+                try:
+                    claimed = self.dispatch_once()
+                except Exception:
+                    LOG.exception("job dispatcher error")
+                    claimed = 0
+                if not claimed:
+                    self._wake.wait(timeout=interval)
+                    self._wake.clear()
+        finally:
+            if self._processes is not None:
+                self._processes.shutdown(wait=True, cancel_futures=True)
 
     def dispatch_once(self) -> int:
         """Claim and start as many jobs as there is capacity for; returns how many."""
@@ -259,12 +411,17 @@ class LocalExecutor:
         except BaseException as exc:
             self._done(job, handler, None, exc)
             return
-        if handler.in_process:
-            future = self._threads.submit(handler.run, task)
-        elif self._processes is not None:
-            future = self._processes.submit(handler.run, task)
-        else:
-            future = self._cpu_threads.submit(handler.run, task)
+        try:
+            if handler.in_process:
+                future = self._threads.submit(handler.run, task)
+            elif self._processes is not None:
+                future = self._processes.submit(handler.run, task)
+            else:
+                future = self._cpu_threads.submit(handler.run, task)
+        except cf.process.BrokenProcessPool:
+            self._pool_broken = True
+            self._done(job, handler, None, WorkerDied("analysis worker process died"))
+            return
         future.add_done_callback(lambda f: self._collect(job, handler, f))
 
     def _collect(self, job: JobRow, handler: JobHandler, future: cf.Future[Any]) -> None:
@@ -272,20 +429,19 @@ class LocalExecutor:
             result = future.result()
         except BaseException as exc:  # worker raised, or the worker process died
             if isinstance(exc, cf.process.BrokenProcessPool):
-                exc = Transient("analysis worker process died")
-                self._restart_pool()
+                exc = WorkerDied("analysis worker process died")
+                self._pool_broken = True  # the dispatcher thread starts a new pool (see class doc)
             self._done(job, handler, None, exc)
             return
         self._done(job, handler, result, None)
 
     def _restart_pool(self) -> None:
         with self._lock:
-            if self._processes is not None:
-                self._processes.shutdown(wait=False, cancel_futures=True)
-                self._processes = cf.ProcessPoolExecutor(
-                    max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=self._initializer, initargs=self._initargs)
-                self._warm_up(self._processes)
+            self._pool_broken = False
+            old, self._processes = self._processes, None
+        if old is not None:
+            old.shutdown(wait=False, cancel_futures=True)
+        self._processes = self._new_pool()
 
     def _done(self, job: JobRow, handler: JobHandler, result: Any, error: BaseException | None) -> None:
         try:
@@ -294,15 +450,7 @@ class LocalExecutor:
                     handler.finish(job, result)
                 except BaseException as exc:
                     error = exc
-            if error is not None:
-                if not isinstance(error, (Transient, Permanent)):
-                    LOG.error("job %s failed: %s", job.id, "".join(traceback.format_exception(error)))
-                self.queue.fail(job, error)
-                on_failed = getattr(handler, "on_failed", None)
-                if on_failed is not None:
-                    on_failed(job)
-        except Exception:
-            LOG.exception("could not record the end of job %s", job.id)
+            end_attempt(self.queue, handler, job, error)
         finally:
             with self._lock:
                 self._in_flight.pop(job.id, None)

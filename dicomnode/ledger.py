@@ -8,19 +8,29 @@ given; it never parses DICOM.
 Receiver writes go through :class:`_GroupCommitter`: rows of concurrent associations that wait
 while a commit is in progress are committed together in the next transaction, so N parallel stores
 share one fsync; a lone association commits in its own thread.
+
+Many writers are normal (several receivers and workers, several processes, one ledger): inserts are
+``ON CONFLICT DO NOTHING``, the series row is locked before an epoch is decided, every transition is a
+conditional update that exactly one writer wins, and the clock that decides completeness, leases and
+retries is the database's (:meth:`Ledger.now`). The schema is created and upgraded by the Alembic
+migrations in :mod:`dicomnode.migrations`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from dicomnode.domain import (
@@ -31,6 +41,7 @@ from dicomnode.domain import (
     SeriesSummary,
     StoredInstance,
 )
+from dicomnode.spool import process_exists
 
 metadata = sa.MetaData()
 
@@ -98,6 +109,10 @@ jobs = sa.Table(
     sa.Column("finished_at", sa.Float),
     sa.Column("last_error", sa.Text, nullable=False, default=""),
     sa.Column("outcome", sa.Text, nullable=False, default=""),
+    # The engine queue that carries the job in cluster mode ("" in embedded mode).
+    sa.Column("queue", sa.String(64), nullable=False, default="", server_default=""),
+    # First transient failure of the current run of failures: the retry horizon counts from here.
+    sa.Column("failing_since", sa.Float),
     sa.Index("ix_jobs_claim", "state", "kind", "priority", "not_before"),
 )
 
@@ -121,14 +136,58 @@ results = sa.Table(
 )
 
 
+# One row per process that takes part (receiver/sweeper, worker): its heartbeat says it is alive.
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("process_id", sa.String(100), primary_key=True),  # host:pid:random, also the lease owner
+    sa.Column("node_id", sa.String(100), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("stopped_at", sa.Float),
+    sa.Column("running", sa.String(500), nullable=False, default=""),
+)
+
+# Associations that stored something, written with their first instance (no commit of their own).
+associations = sa.Table(
+    "associations",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("process_id", sa.String(100), nullable=False, index=True),
+    sa.Column("calling_ae", sa.String(16), nullable=False),
+    sa.Column("peer_host", sa.String(64), nullable=False),
+    sa.Column("opened_at", sa.Float, nullable=False),
+    sa.Column("closed_at", sa.Float),
+    sa.Column("state", sa.String(16), nullable=False),  # open, released, aborted
+)
+
+# Which series each association carried: release evidence needs "no other open association".
+association_series = sa.Table(
+    "association_series",
+    metadata,
+    sa.Column("association_id", sa.String(40), primary_key=True),
+    sa.Column("series_instance_uid", sa.String(64), primary_key=True, index=True),
+)
+
+ASSOCIATION_OPEN, ASSOCIATION_RELEASED, ASSOCIATION_ABORTED = "open", "released", "aborted"
+# Not a real association: instances indexed by start-up reconciliation.
+RECONCILED_ASSOCIATION = "reconciled"
+
 _SELECT_INSTANCE_EPOCH = sa.select(instances.c.epoch, instances.c.path).where(
     instances.c.sop_instance_uid == sa.bindparam("sop")
 )
 _SELECT_SERIES_STATE = sa.select(
-    series.c.epoch, series.c.state, series.c.instance_count, series.c.expected_count
+    series.c.epoch, series.c.state, series.c.instance_count, series.c.expected_count,
+    series.c.last_association_id,
 ).where(
     series.c.series_instance_uid == sa.bindparam("uid")
 )
+# The row lock that serialises epoch decisions of concurrent writers (no-op on SQLite, whose
+# writers are serialised by the database lock taken first, see Ledger._lock_for_write).
+_LOCK_SERIES_STATE = _SELECT_SERIES_STATE.with_for_update()
 _SERIES_TOUCHED = {
     "instance_count": series.c.instance_count + 1,
     "last_received_at": sa.bindparam("received"),
@@ -156,6 +215,18 @@ def _now() -> float:
     return time.time()
 
 
+def process_identity() -> str:
+    """A process id unique across hosts and restarts: ``host:pid:random``. It names the process in
+    ``nodes`` and is the lease owner of the jobs it runs."""
+    return f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _host_and_pid(process_id: str) -> tuple[str, int | None]:
+    host, _, rest = process_id.partition(":")
+    pid, _, _ = rest.partition(":")
+    return host, int(pid) if pid.isdigit() else None
+
+
 @dataclass(frozen=True, slots=True)
 class JobRow:
     id: int
@@ -174,6 +245,8 @@ class JobRow:
     last_error: str
     outcome: dict[str, Any]
     lease_owner: str | None = None
+    queue: str = ""
+    failing_since: float | None = None
 
     @classmethod
     def from_row(cls, row: sa.Row[Any]) -> JobRow:
@@ -195,7 +268,31 @@ class JobRow:
             last_error=m["last_error"] or "",
             outcome=json.loads(m["outcome"]) if m["outcome"] else {},
             lease_owner=m["lease_owner"],
+            queue=m["queue"] or "",
+            failing_since=m["failing_since"],
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRow:
+    """A receiver/sweeper or worker process, as its heartbeats describe it."""
+
+    process_id: str
+    node_id: str
+    role: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    stopped_at: float | None
+    running: str
+    alive: bool
+
+    @classmethod
+    def from_row(cls, row: sa.Row[Any], now: float, dead_after_s: float) -> ProcessRow:
+        m = dict(row._mapping)
+        alive = m["stopped_at"] is None and m["heartbeat_at"] >= now - dead_after_s
+        return cls(**m, alive=alive)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +335,7 @@ class RecordOutcome:
 
 
 _MAX_BATCH = 256
+DEFAULT_DEAD_AFTER_S = 30.0  # embedded mode: a process without a heartbeat for this long is dead
 
 
 class _GroupCommitter:
@@ -247,7 +345,8 @@ class _GroupCommitter:
     row in one transaction (one fsync), its own included, and wakes their owners. A lone
     association therefore commits in its own thread with no hand-off between threads, while rows
     of concurrent associations that queue during a commit share the next one. The lock also keeps
-    two commits from racing each other's series upserts.
+    two commits of this process from racing each other's series upserts; other processes are kept
+    apart by the database (series row lock, or SQLite's write lock).
     """
 
     def __init__(self, ledger: Ledger) -> None:
@@ -277,15 +376,21 @@ class _GroupCommitter:
     def _commit(self, batch: list[tuple[StoredInstance, _Slot]]) -> None:
         try:
             try:
-                with self._ledger.engine.begin() as conn:
-                    outcomes = [self._ledger._record(conn, item) for item, _ in batch]
+                # Series rows are locked in one global order (by UID), so two writers' batches that
+                # share series cannot deadlock; rows of one series keep their arrival order.
+                order = sorted(range(len(batch)), key=lambda i: batch[i][0].series_instance_uid)
+                outcomes: dict[int, RecordOutcome] = {}
+                with self._ledger.write_transaction() as conn:
+                    now = self._ledger.now(conn)
+                    for i in order:
+                        outcomes[i] = self._ledger._record(conn, batch[i][0], now)
             except Exception:
                 # One bad row must not refuse its neighbours: redo them one transaction each.
                 for item, slot in batch:
                     self._commit_one(item, slot)
             else:
-                for (_, slot), outcome in zip(batch, outcomes, strict=True):
-                    slot.set(outcome)
+                for i, (_, slot) in enumerate(batch):
+                    slot.set(outcomes[i])
         finally:
             # Whatever escaped (KeyboardInterrupt, MemoryError...), no row that left the queue may be
             # left unanswered: its owner would wait for it for ever, holding the commit lock.
@@ -295,8 +400,8 @@ class _GroupCommitter:
 
     def _commit_one(self, item: StoredInstance, slot: _Slot) -> None:
         try:
-            with self._ledger.engine.begin() as conn:
-                slot.set(self._ledger._record(conn, item))
+            with self._ledger.write_transaction() as conn:
+                slot.set(self._ledger._record(conn, item, self._ledger.now(conn)))
         except Exception as exc:
             slot.fail(exc)
 
@@ -327,15 +432,46 @@ class _Slot:
         return self._value
 
 
-class Ledger:
-    """State transitions on the ledger database. Thread-safe; one instance per process."""
+class _Unchanged:
+    pass
 
-    def __init__(self, url: str) -> None:
+
+_UNCHANGED = _Unchanged()
+
+
+class Ledger:
+    """State transitions on the ledger database. Thread-safe; one instance per process.
+
+    ``url`` is a SQLAlchemy URL: ``sqlite:///path`` (embedded) or ``postgresql+psycopg://...``
+    (cluster). The schema is created or upgraded on open unless ``migrate`` is False.
+    """
+
+    def __init__(self, url: str, *, dead_after_s: float = DEFAULT_DEAD_AFTER_S, migrate: bool = True) -> None:
         self.url = url
-        self.engine: Engine = sa.create_engine(url, future=True, pool_pre_ping=False)
-        if self.engine.dialect.name == "sqlite":
+        self.dead_after_s = dead_after_s
+        if url.startswith("sqlite"):
+            self.engine: Engine = sa.create_engine(url, pool_pre_ping=False)
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
+        else:
+            # pre-ping: after a database restart, pooled connections are replaced, not used and failed.
+            self.engine = sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=16)
+        self.dialect = self.engine.dialect.name
+        # SQLite is a local file: this host's clock is the database's. Elsewhere ask the server.
+        self._db_clock = self.dialect != "sqlite"
+        if migrate:
+            from dicomnode.migrations import upgrade
+
+            upgrade(self.engine)
+        self.process_id = ""  # set by register_process; names this process in nodes and leases
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        self._insert_series = insert(series).on_conflict_do_nothing()
+        # RETURNING says whether the row went in: an insert's rowcount is not reliable across drivers
+        # (psycopg through SQLAlchemy reports -1).
+        self._insert_instance = insert(instances).on_conflict_do_nothing().returning(instances.c.epoch)
+        self._insert_association = insert(associations).on_conflict_do_nothing()
+        self._insert_association_series = insert(association_series).on_conflict_do_nothing()
+        self._insert_job = insert(jobs).on_conflict_do_nothing().returning(jobs.c.id)
+        self._insert_result = insert(results).on_conflict_do_nothing().returning(results.c.id)
         # Created on first use; the lock matters: two committers would race each other's series
         # upserts.
         self._committer: _GroupCommitter | None = None
@@ -357,6 +493,31 @@ class Ledger:
         with self.engine.begin() as conn:
             yield conn
 
+    @contextmanager
+    def write_transaction(self) -> Iterator[Connection]:
+        """A transaction that reads, then decides, then writes. On SQLite the write lock is taken
+        first, so that what it read cannot change before it writes, even from another process."""
+        with self.engine.begin() as conn:
+            self._lock_for_write(conn)
+            yield conn
+
+    def _lock_for_write(self, conn: Connection) -> None:
+        if self.dialect == "sqlite":
+            # A write that changes nothing makes pysqlite BEGIN and SQLite take the RESERVED lock
+            # (waiting up to busy_timeout), before any read of this transaction.
+            conn.exec_driver_sql("UPDATE nodes SET pid = pid WHERE 0")
+
+    def now(self, conn: Connection | None = None) -> float:
+        """The clock that decides completeness, leases and retries: the database server's
+        (``clock_timestamp()``), so that hosts with skewed clocks agree; on SQLite, this host's."""
+        if not self._db_clock:
+            return time.time()
+        query = sa.select(sa.extract("epoch", sa.func.clock_timestamp()))
+        if conn is None:
+            with self.engine.connect() as own:
+                return float(own.execute(query).scalar_one())
+        return float(conn.execute(query).scalar_one())
+
     # --- instances and series ---------------------------------------------------------------
 
     def record_instance(self, item: StoredInstance) -> RecordOutcome:
@@ -367,89 +528,142 @@ class Ledger:
             committer = self._committer
         return committer.submit(item)
 
-    def _record(self, conn: Connection, item: StoredInstance) -> RecordOutcome:
-        # Prebuilt statements (module level): building and cache-keying a fresh Core statement per
-        # row cost more than executing it, once per C-STORE.
+    def _record(self, conn: Connection, item: StoredInstance, now: float) -> RecordOutcome:
+        # Prebuilt statements (module level or __init__): building and cache-keying a fresh Core
+        # statement per row cost more than executing it, once per C-STORE.
         existing = conn.execute(_SELECT_INSTANCE_EPOCH, {"sop": item.sop_instance_uid}).first()
         if existing is not None:
             return RecordOutcome(new=False, epoch=existing.epoch, reopened=False, path=existing.path)
-        current = conn.execute(_SELECT_SERIES_STATE, {"uid": item.series_instance_uid}).first()
-        received = item.received_at.timestamp()
+        received = now if self._db_clock else item.received_at.timestamp()
         expected = item.images_in_acquisition or None
         if item.temporal_positions and expected:
             expected *= item.temporal_positions
-        reopened = False
-        # Mirrors assembly.due_time's expected-count rule, so the node can sweep at once.
-        count = 1 if current is None else current.instance_count + 1
-        announced = expected or (current.expected_count if current is not None else None)
+        # The series row is locked before the epoch is decided: two writers must never both open
+        # epoch N+1, nor both count the same epoch's instances.
+        current = conn.execute(_LOCK_SERIES_STATE, {"uid": item.series_instance_uid}).first()
         if current is None:
-            epoch = 1
-            conn.execute(
-                series.insert(),
-                {
-                    "series_instance_uid": item.series_instance_uid,
-                    "study_instance_uid": item.study_instance_uid,
-                    "modality": item.modality,
-                    "body_part": item.body_part,
-                    "series_description": item.series_description,
-                    "study_description": item.study_description,
-                    "calling_ae": item.calling_ae,
-                    "instance_count": 1,
-                    "epoch": 1,
-                    "epoch_count": 1,
-                    "state": SeriesState.RECEIVING,
-                    "expected_count": expected,
-                    "first_received_at": received,
-                    "last_received_at": received,
-                    "last_association_id": item.association_id,
-                    "released_at": None,
-                },
-            )
-        else:
-            epoch = current.epoch
-            if current.state != SeriesState.RECEIVING:
-                # A late image for a series already handed on: it opens a new epoch.
-                epoch = current.epoch + 1
-                reopened = True
-            values = {"uid": item.series_instance_uid, "received": received,
-                      "association": item.association_id, "expected": expected}
-            if reopened:
-                conn.execute(_UPDATE_SERIES_REOPEN, {**values, "new_epoch": epoch})
-            else:
-                conn.execute(_UPDATE_SERIES, values)
-        conn.execute(
-            instances.insert(),
-            {
-                "sop_instance_uid": item.sop_instance_uid,
+            conn.execute(self._insert_series, {
                 "series_instance_uid": item.series_instance_uid,
                 "study_instance_uid": item.study_instance_uid,
-                "sop_class_uid": item.sop_class_uid,
-                "transfer_syntax_uid": item.transfer_syntax_uid,
-                "path": item.path,
-                "size": item.size,
+                "modality": item.modality,
+                "body_part": item.body_part,
+                "series_description": item.series_description,
+                "study_description": item.study_description,
                 "calling_ae": item.calling_ae,
-                "peer_host": item.peer_host,
-                "association_id": item.association_id,
-                "received_at": received,
-                "epoch": epoch,
-                "instance_number": item.instance_number,
-                "image_type": item.image_type,
-            },
-        )
+                "instance_count": 0,
+                "epoch": 1,
+                "epoch_count": 0,
+                "state": SeriesState.RECEIVING,
+                "expected_count": expected,
+                "first_received_at": received,
+                "last_received_at": received,
+                "last_association_id": "",
+                "released_at": None,
+            })
+            current = conn.execute(_LOCK_SERIES_STATE, {"uid": item.series_instance_uid}).one()
+        epoch = current.epoch
+        reopened = current.state != SeriesState.RECEIVING
+        if reopened:
+            # A late image for a series already handed on: it opens a new epoch.
+            epoch += 1
+        inserted = conn.execute(self._insert_instance, {
+            "sop_instance_uid": item.sop_instance_uid,
+            "series_instance_uid": item.series_instance_uid,
+            "study_instance_uid": item.study_instance_uid,
+            "sop_class_uid": item.sop_class_uid,
+            "transfer_syntax_uid": item.transfer_syntax_uid,
+            "path": item.path,
+            "size": item.size,
+            "calling_ae": item.calling_ae,
+            "peer_host": item.peer_host,
+            "association_id": item.association_id,
+            "received_at": received,
+            "epoch": epoch,
+            "instance_number": item.instance_number,
+            "image_type": item.image_type,
+        }).first()
+        if inserted is None:
+            # Another writer committed the same SOP Instance (under another series) meanwhile.
+            first = conn.execute(_SELECT_INSTANCE_EPOCH, {"sop": item.sop_instance_uid}).one()
+            return RecordOutcome(new=False, epoch=first.epoch, reopened=False, path=first.path)
+        # Mirrors assembly.due_time's expected-count rule, so the node can sweep at once.
+        count = current.instance_count + 1
+        announced = expected or current.expected_count
+        values = {"uid": item.series_instance_uid, "received": received,
+                  "association": item.association_id, "expected": expected}
+        if reopened:
+            conn.execute(_UPDATE_SERIES_REOPEN, {**values, "new_epoch": epoch})
+        else:
+            conn.execute(_UPDATE_SERIES, values)
+        if (current.last_association_id != item.association_id and self.process_id
+                and item.association_id not in ("", RECONCILED_ASSOCIATION)):
+            # First instance of this series on this association: the association carries the series.
+            conn.execute(self._insert_association, {
+                "id": item.association_id, "process_id": self.process_id, "calling_ae": item.calling_ae,
+                "peer_host": item.peer_host[:64], "opened_at": received, "closed_at": None,
+                "state": ASSOCIATION_OPEN,
+            })
+            conn.execute(self._insert_association_series, {
+                "association_id": item.association_id, "series_instance_uid": item.series_instance_uid,
+            })
         return RecordOutcome(new=True, epoch=epoch, reopened=reopened,
                              expected_reached=bool(announced) and count == announced)
 
+    def _live_processes(self, now: float) -> sa.Select[tuple[str]]:
+        return sa.select(nodes.c.process_id).where(
+            nodes.c.stopped_at.is_(None), nodes.c.heartbeat_at >= now - self.dead_after_s)
+
+    def _dead_processes(self, now: float) -> sa.Select[tuple[str]]:
+        return sa.select(nodes.c.process_id).where(
+            sa.or_(nodes.c.stopped_at.is_not(None), nodes.c.heartbeat_at < now - self.dead_after_s))
+
     def association_released(self, association_id: str, at: float | None = None) -> int:
-        """Evidence for completeness: the sender ended the association that carried the last
-        instance of these series. Returns how many series were marked."""
-        with self.engine.begin() as conn:
+        """Evidence for completeness: the sender released an association that carried these series,
+        and no other open association of a live process (on any node) still carries them. Returns
+        how many series were marked."""
+        with self.write_transaction() as conn:
+            now = at if at is not None else self.now(conn)
+            conn.execute(associations.update().where(associations.c.id == association_id)
+                         .values(state=ASSOCIATION_RELEASED, closed_at=now))
+            carried = sa.select(association_series.c.series_instance_uid).where(
+                association_series.c.association_id == association_id)
+            # Lock the candidates in one global order; an association releasing at the same time
+            # on another node then sees this one closed once it gets the lock (no write skew).
+            candidates = list(conn.execute(
+                sa.select(series.c.series_instance_uid)
+                .where(series.c.state == SeriesState.RECEIVING)
+                .where(sa.or_(series.c.series_instance_uid.in_(carried),
+                              series.c.last_association_id == association_id))
+                .order_by(series.c.series_instance_uid)
+                .with_for_update()
+            ).scalars())
+            if not candidates:
+                return 0
+            other_open = (
+                sa.select(association_series.c.association_id)
+                .join(associations, associations.c.id == association_series.c.association_id)
+                .where(association_series.c.series_instance_uid == series.c.series_instance_uid)
+                .where(associations.c.id != association_id)
+                .where(associations.c.state == ASSOCIATION_OPEN)
+                .where(associations.c.process_id.in_(self._live_processes(now)))
+                .exists()
+            )
             result = conn.execute(
                 series.update()
-                .where(series.c.last_association_id == association_id)
+                .where(series.c.series_instance_uid.in_(candidates))
                 .where(series.c.state == SeriesState.RECEIVING)
-                .values(released_at=at if at is not None else _now())
+                .where(~other_open)
+                .values(released_at=now)
             )
             return int(result.rowcount or 0)
+
+    def association_aborted(self, association_id: str) -> None:
+        """An association that stored something ended without a release: no completeness evidence,
+        but it no longer keeps other associations' releases from counting."""
+        with self.transaction() as conn:
+            conn.execute(associations.update().where(associations.c.id == association_id)
+                         .where(associations.c.state == ASSOCIATION_OPEN)
+                         .values(state=ASSOCIATION_ABORTED, closed_at=self.now(conn)))
 
     def instance(self, sop_instance_uid: str) -> sa.Row[Any] | None:
         with self.engine.connect() as conn:
@@ -524,21 +738,111 @@ class Ledger:
             )
 
     def mark_series(
-        self, series_uid: str, epoch: int, state: SeriesState, *, rule: str = "", note: str = ""
+        self, series_uid: str, epoch: int, state: SeriesState, *, rule: str = "", note: str = "",
+        instance_count: int | None = None,
     ) -> bool:
-        """Move the series to ``state`` if it is still at ``epoch`` (a newer epoch wins)."""
-        values: dict[str, Any] = {"state": state, "note": note[:500]}
-        if state in (SeriesState.QUEUED, SeriesState.IGNORED):
-            values["processed_at"] = _now()
-            values["rule"] = rule[:100]
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                series.update()
-                .where(series.c.series_instance_uid == series_uid)
-                .where(series.c.epoch == epoch)
-                .values(**values)
-            )
+        """Move the series to ``state`` if it is still at ``epoch`` (a newer epoch wins). With
+        ``instance_count``, only a receiving series that still has exactly that many instances moves:
+        the sweep's transition then rests on exactly the evidence it evaluated, and of several
+        sweepers exactly one wins."""
+        with self.transaction() as conn:
+            values: dict[str, Any] = {"state": state, "note": note[:500]}
+            if state in (SeriesState.QUEUED, SeriesState.IGNORED):
+                values["processed_at"] = self.now(conn)
+                values["rule"] = rule[:100]
+            query = (series.update()
+                     .where(series.c.series_instance_uid == series_uid)
+                     .where(series.c.epoch == epoch))
+            if instance_count is not None:
+                query = (query.where(series.c.state == SeriesState.RECEIVING)
+                         .where(series.c.instance_count == instance_count))
+            result = conn.execute(query.values(**values))
             return bool(result.rowcount)
+
+    def close_epoch_if_done(self, series_uid: str, epoch: int) -> bool:
+        """After a job of the epoch ended: the series is DONE when none of its jobs is still open
+        (analysis, delivery, notification alike)."""
+        with self.transaction() as conn:
+            if self.epoch_jobs_open(conn, series_uid, epoch):
+                return False
+            return bool(
+                conn.execute(
+                    series.update()
+                    .where(series.c.series_instance_uid == series_uid)
+                    .where(series.c.epoch == epoch)
+                    .where(series.c.state == SeriesState.QUEUED)
+                    .values(state=SeriesState.DONE)
+                ).rowcount
+            )
+
+    # --- processes ------------------------------------------------------------------------------
+
+    def register_process(self, role: str, node_id: str, process_id: str | None = None) -> str:
+        """Record this process in ``nodes``; its id becomes the owner of the leases it takes."""
+        process_id = process_id or process_identity()
+        host, pid = _host_and_pid(process_id)
+        with self.transaction() as conn:
+            now = self.now(conn)
+            conn.execute(nodes.insert().values(
+                process_id=process_id, node_id=node_id[:100], role=role[:16], host=host, pid=pid or os.getpid(),
+                started_at=now, heartbeat_at=now, stopped_at=None, running=""))
+        self.process_id = process_id
+        return process_id
+
+    def heartbeat(self, running: str | None = None, lease_s: float | None = None) -> None:
+        """This process is alive; with ``lease_s``, the leases it holds are renewed for that long."""
+        if not self.process_id:
+            return
+        with self.transaction() as conn:
+            now = self.now(conn)
+            values: dict[str, Any] = {"heartbeat_at": now}
+            if running is not None:
+                values["running"] = running[:500]
+            conn.execute(nodes.update().where(nodes.c.process_id == self.process_id).values(**values))
+            if lease_s is not None:
+                conn.execute(jobs.update()
+                             .where(jobs.c.lease_owner == self.process_id)
+                             .where(jobs.c.state == JobState.RUNNING)
+                             .values(lease_expires=now + lease_s))
+
+    def process_stopped(self) -> None:
+        """A clean stop: this process is no longer alive, and its open associations are over."""
+        if not self.process_id:
+            return
+        with self.transaction() as conn:
+            now = self.now(conn)
+            conn.execute(nodes.update().where(nodes.c.process_id == self.process_id)
+                         .values(stopped_at=now, running=""))
+            conn.execute(associations.update()
+                         .where(associations.c.process_id == self.process_id)
+                         .where(associations.c.state == ASSOCIATION_OPEN)
+                         .values(state=ASSOCIATION_ABORTED, closed_at=now))
+
+    def processes(self, recent_s: float = 3600.0) -> list[ProcessRow]:
+        """Processes alive, and those stopped or silent for less than ``recent_s``."""
+        with self.engine.connect() as conn:
+            now = self.now(conn)
+            rows = conn.execute(
+                sa.select(nodes)
+                .where(sa.func.coalesce(nodes.c.stopped_at, nodes.c.heartbeat_at) >= now - recent_s)
+                .order_by(nodes.c.role, nodes.c.node_id, nodes.c.started_at)
+            )
+            return [ProcessRow.from_row(r, now, self.dead_after_s) for r in rows]
+
+    def prune(self, keep_s: float = 7 * 86400.0) -> int:
+        """Forget closed associations and stopped processes older than ``keep_s``."""
+        with self.transaction() as conn:
+            cutoff = self.now(conn) - keep_s
+            old = conn.execute(associations.delete().where(sa.or_(
+                sa.and_(associations.c.state != ASSOCIATION_OPEN, associations.c.closed_at < cutoff),
+                sa.and_(associations.c.opened_at < cutoff,
+                        associations.c.process_id.not_in(self._live_processes(cutoff + keep_s))),
+            ))).rowcount or 0
+            conn.execute(association_series.delete().where(
+                association_series.c.association_id.not_in(sa.select(associations.c.id))))
+            conn.execute(nodes.delete().where(
+                sa.func.coalesce(nodes.c.stopped_at, nodes.c.heartbeat_at) < cutoff))
+            return int(old)
 
     # --- jobs -------------------------------------------------------------------------------
 
@@ -554,66 +858,79 @@ class Ledger:
         priority: Priority,
         max_attempts: int,
         not_before: float | None = None,
+        queue: str = "",
     ) -> int | None:
         """Insert a job unless one with ``dedup_key`` exists; returns the new id or None."""
-        exists = conn.execute(sa.select(jobs.c.id).where(jobs.c.dedup_key == dedup_key)).first()
-        if exists is not None:
-            return None
-        now = _now()
-        result = conn.execute(
-            jobs.insert().values(
-                kind=kind,
-                dedup_key=dedup_key,
-                series_instance_uid=series_uid,
-                epoch=epoch,
-                payload=json.dumps(payload, sort_keys=True),
-                priority=int(priority),
-                state=JobState.QUEUED,
-                attempts=0,
-                max_attempts=max_attempts,
-                not_before=not_before if not_before is not None else now,
-                created_at=now,
-                last_error="",
-                outcome="",
-            )
+        now = self.now(conn)
+        new_id = conn.execute(self._insert_job, {
+            "kind": kind,
+            "dedup_key": dedup_key,
+            "series_instance_uid": series_uid,
+            "epoch": epoch,
+            "payload": json.dumps(payload, sort_keys=True),
+            "priority": int(priority),
+            "state": JobState.QUEUED,
+            "attempts": 0,
+            "max_attempts": max_attempts,
+            "not_before": not_before if not_before is not None else now,
+            "created_at": now,
+            "last_error": "",
+            "outcome": "",
+            "queue": queue,
+        }).scalar()
+        return int(new_id) if new_id is not None else None
+
+    def _runnable(self, now: float) -> sa.ColumnElement[bool]:
+        """Queued or failed and due; or running while its lease expired or its owner is dead."""
+        return sa.or_(
+            sa.and_(jobs.c.state.in_([JobState.QUEUED, JobState.FAILED]), jobs.c.not_before <= now),
+            sa.and_(jobs.c.state == JobState.RUNNING,
+                    sa.or_(jobs.c.lease_expires < now, jobs.c.lease_owner.in_(self._dead_processes(now)))),
         )
-        return _new_id(result)
 
     def claim(self, kinds: Sequence[JobKind], owner: str, lease_s: float) -> JobRow | None:
         """Take the most urgent runnable job: queued or failed-and-due, or running with an expired
-        lease (its worker died). Priority first, then age."""
-        now = _now()
-        runnable = sa.or_(
-            sa.and_(jobs.c.state.in_([JobState.QUEUED, JobState.FAILED]), jobs.c.not_before <= now),
-            sa.and_(jobs.c.state == JobState.RUNNING, jobs.c.lease_expires < now),
-        )
-        with self.engine.begin() as conn:
-            if self.engine.dialect.name == "sqlite":
-                # Take the write lock first so two claimers cannot pick the same row.
-                conn.exec_driver_sql("UPDATE jobs SET id = id WHERE 0")
+        lease or a dead owner (its worker died). Priority first, then age."""
+        with self.write_transaction() as conn:
+            now = self.now(conn)
             row = conn.execute(
-                sa.select(jobs)
+                sa.select(jobs.c.id)
                 .where(jobs.c.kind.in_([k.value for k in kinds]))
-                .where(runnable)
+                .where(self._runnable(now))
                 .order_by(jobs.c.priority, jobs.c.not_before, jobs.c.id)
                 .limit(1)
                 .with_for_update(skip_locked=True)
             ).first()
             if row is None:
                 return None
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.id == row.id)
-                .values(
-                    state=JobState.RUNNING,
-                    attempts=jobs.c.attempts + 1,
-                    lease_owner=owner,
-                    lease_expires=now + lease_s,
-                    started_at=now,
-                )
+            return self._take(conn, row.id, owner, lease_s, now)
+
+    def claim_job(self, job_id: int, owner: str, lease_s: float) -> JobRow | None:
+        """Take this job if it is runnable now (see :meth:`claim`); None if another writer has it,
+        it is not due yet, or it is finished. Exactly one of several concurrent claimers wins."""
+        with self.write_transaction() as conn:
+            now = self.now(conn)
+            taken = conn.execute(
+                sa.select(jobs.c.id).where(jobs.c.id == job_id).where(self._runnable(now))
+                .with_for_update(skip_locked=True)
+            ).first()
+            if taken is None:
+                return None
+            return self._take(conn, job_id, owner, lease_s, now)
+
+    def _take(self, conn: Connection, job_id: int, owner: str, lease_s: float, now: float) -> JobRow:
+        conn.execute(
+            jobs.update()
+            .where(jobs.c.id == job_id)
+            .values(
+                state=JobState.RUNNING,
+                attempts=jobs.c.attempts + 1,
+                lease_owner=owner,
+                lease_expires=now + lease_s,
+                started_at=now,
             )
-            claimed = conn.execute(sa.select(jobs).where(jobs.c.id == row.id)).one()
-        return JobRow.from_row(claimed)
+        )
+        return JobRow.from_row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
 
     def finish_job(
         self,
@@ -624,9 +941,11 @@ class Ledger:
         *,
         error: str = "",
         outcome: dict[str, Any] | None = None,
-        not_before: float | None = None,
+        retry_in_s: float | None = None,
+        failing_since: float | None | _Unchanged = _UNCHANGED,
     ) -> bool:
         """End an attempt; only the lease owner may (a job re-claimed after lease expiry wins)."""
+        now = self.now(conn)
         values: dict[str, Any] = {
             "state": state,
             "last_error": error[:4000],
@@ -634,26 +953,66 @@ class Ledger:
             "lease_expires": None,
         }
         if state in (JobState.SUCCEEDED, JobState.DEAD):
-            values["finished_at"] = _now()
+            values["finished_at"] = now
+        if state is JobState.SUCCEEDED:
+            values["failing_since"] = None
+        elif not isinstance(failing_since, _Unchanged):
+            values["failing_since"] = failing_since
         if outcome is not None:
             values["outcome"] = json.dumps(outcome, sort_keys=True, default=str)
-        if not_before is not None:
-            values["not_before"] = not_before
+        if retry_in_s is not None:
+            values["not_before"] = now + retry_in_s
         result = conn.execute(
             jobs.update().where(jobs.c.id == job_id).where(jobs.c.lease_owner == owner).values(**values)
         )
         return bool(result.rowcount)
 
     def retry_job(self, job_id: int) -> bool:
-        """Operator action: put a dead or failed job back in the queue, due now."""
-        with self.engine.begin() as conn:
+        """Operator action: put a dead or failed job back in the queue, due now, with a fresh retry
+        horizon."""
+        with self.transaction() as conn:
             result = conn.execute(
                 jobs.update()
                 .where(jobs.c.id == job_id)
                 .where(jobs.c.state.in_([JobState.DEAD, JobState.FAILED]))
-                .values(state=JobState.QUEUED, not_before=_now(), attempts=0, last_error="")
+                .values(state=JobState.QUEUED, not_before=self.now(conn), attempts=0, last_error="",
+                        failing_since=None)
             )
             return bool(result.rowcount)
+
+    def release_stale_leases(self, owner: str) -> int:
+        """At start-up: running jobs whose owner is dead run again at once. Dead means stopped or
+        silent in ``nodes``, or a process of this host that no longer exists (or whose pid is now
+        ours: a restarted container). Owners on other hosts that still heartbeat keep their jobs."""
+        host = socket.gethostname()[:60]
+        with self.transaction() as conn:
+            now = self.now(conn)
+            owners = set(conn.execute(
+                sa.select(jobs.c.lease_owner).where(jobs.c.state == JobState.RUNNING)
+                .where(jobs.c.lease_owner.is_not(None)).where(jobs.c.lease_owner != owner).distinct()
+            ).scalars())
+            if not owners:
+                return 0
+            known = {r.process_id: r for r in conn.execute(sa.select(nodes).where(nodes.c.process_id.in_(owners)))}
+            dead: list[str] = []
+            for candidate in owners:
+                row = known.get(candidate)
+                owner_host, pid = _host_and_pid(candidate)
+                silent = row is not None and (row.stopped_at is not None
+                                              or row.heartbeat_at < now - self.dead_after_s)
+                gone_here = owner_host == host and pid is not None and (pid == os.getpid()
+                                                                        or not process_exists(pid))
+                if silent or gone_here:
+                    dead.append(candidate)
+            if not dead:
+                return 0
+            result = conn.execute(
+                jobs.update()
+                .where(jobs.c.state == JobState.RUNNING)
+                .where(jobs.c.lease_owner.in_(dead))
+                .values(state=JobState.QUEUED, lease_owner=None, lease_expires=None, not_before=now)
+            )
+            return int(result.rowcount or 0)
 
     def job(self, job_id: int) -> JobRow | None:
         with self.engine.connect() as conn:
@@ -728,13 +1087,13 @@ class Ledger:
 
     def add_result(self, conn: Connection, **values: Any) -> int:
         """Insert a result row (idempotent on SOP Instance UID); returns its id."""
-        existing = conn.execute(
+        values.setdefault("created_at", self.now(conn))
+        new_id = conn.execute(self._insert_result, values).scalar()
+        if new_id is not None:
+            return int(new_id)
+        return int(conn.execute(
             sa.select(results.c.id).where(results.c.sop_instance_uid == values["sop_instance_uid"])
-        ).first()
-        if existing is not None:
-            return int(existing.id)
-        values.setdefault("created_at", _now())
-        return _new_id(conn.execute(results.insert().values(**values)))
+        ).scalar_one())
 
     def result(self, result_id: int) -> sa.Row[Any] | None:
         with self.engine.connect() as conn:
@@ -750,12 +1109,6 @@ class Ledger:
     def result_paths(self) -> set[str]:
         with self.engine.connect() as conn:
             return set(conn.execute(sa.select(results.c.path)).scalars())
-
-
-def _new_id(result: sa.CursorResult[Any]) -> int:
-    key = result.inserted_primary_key
-    assert key is not None
-    return int(key[0])
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -17,10 +17,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicomnode.analysis import AnalyzeHandler
 from dicomnode.assembly import Assembly
 from dicomnode.audit import Audit
+from dicomnode.cluster import Heartbeat, default_node_id, heartbeat_settings
 from dicomnode.config import Config, Peer
 from dicomnode.domain import JobState, SeriesState, StoredInstance
-from dicomnode.jobs import JobQueue, LocalExecutor
-from dicomnode.ledger import Ledger, RecordOutcome
+from dicomnode.jobs import Executor, JobHandler, JobQueue, LocalExecutor, NoExecutor
+from dicomnode.ledger import RECONCILED_ASSOCIATION, Ledger, RecordOutcome
 from dicomnode.metrics import Metrics
 from dicomnode.models import build_registry
 from dicomnode.receiver import Receiver, parse_header, routing_fields
@@ -41,30 +42,35 @@ class ReconcileReport:
 
 
 class Node:
-    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+    """One dicomnode process. ``receive=False`` runs only jobs (``dicomnode worker`` without a
+    cluster); with ``[cluster]`` the node receives and sweeps, and Procrastinate workers run the
+    jobs (``dicomnode worker``)."""
+
+    def __init__(self, config: Config, config_path: Path | None = None, *, receive: bool = True) -> None:
         self.config = config
         self.config_path = config_path
+        cluster = config.cluster
+        self.role = "serve" if receive else "worker"
         data_dir = config.node.data_dir.resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
-        self.spool = Spool(data_dir / "spool", config.node.min_free_mb * 2**20)
-        self.ledger = Ledger.sqlite(str(data_dir / "ledger.sqlite3"))
-        self.audit = Audit(data_dir / "audit.log", enabled=config.audit.enabled)
+        self.node_id = default_node_id(config, self.role)
+        spool_root = cluster.spool_root if cluster is not None else data_dir / "spool"
+        # A shared spool: each node writes its temporary files in a folder of its own.
+        self.spool = Spool(spool_root, config.node.min_free_mb * 2**20,
+                           node_id=self.node_id if cluster is not None else "")
+        heartbeat_s, dead_after_s = heartbeat_settings(config)
+        self.ledger = Ledger(config.ledger_url, dead_after_s=dead_after_s)
+        self.audit = Audit(data_dir / "audit.jsonl", enabled=config.audit.enabled)
         self.metrics = Metrics(self.ledger)
         self.audit.subscribe(self.metrics.observe)
         self.admin: AdminServer | None = None
         self.registry = build_registry(config.analysis)
-        self.queue = JobQueue(self.ledger, config.jobs, self.audit)
-        self.assembly = Assembly(config, self.ledger, self.queue, self.registry.default_for)
-        self.executor = LocalExecutor(
-            self.queue,
-            [
-                AnalyzeHandler(self.ledger, self.spool, self.queue, config.analysis, self.audit),
-                DeliverHandler(self.ledger, self.spool, self.queue, config.destinations,
-                               config.node.ae_title, self.audit),
-            ],
-            workers=config.jobs.workers,
-        )
+        self.queue = JobQueue(self.ledger, config.jobs, self.audit,
+                              queues=cluster.queues if cluster is not None else None)
+        self.assembly = Assembly(config, self.ledger, self.queue, self.registry.default_for,
+                                 self.registry.wants_gpu)
+        self.executor: Executor = self._executor()
         self.queue.on_enqueued = self.executor.wake
         self.receiver = Receiver(
             config.node,
@@ -74,46 +80,93 @@ class Node:
             self.audit,
             on_stored=self._on_stored,
             on_released=lambda _association: self._schedule_sweep(config.assembly.release_grace_s),
+            reuse_port=cluster is not None,
         )
+        self.heartbeat = Heartbeat(self.ledger, heartbeat_s, config.jobs.lease_s, self.describe)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                            "misfire_grace_time": None})
         self.last_reconcile: ReconcileReport | None = None
         self._started = False
 
+    def _executor(self) -> Executor:
+        """Who runs the jobs this process enqueues: Procrastinate workers (cluster), worker
+        processes of this node (embedded), or someone else (``[jobs] workers = 0``)."""
+        if self.config.cluster is not None:
+            if not self.receive_role:
+                return NoExecutor()
+            from dicomnode.cluster import ClusterDispatcher
+
+            return ClusterDispatcher(self.ledger, self.queue, self.config.jobs.poll_interval_s)
+        if self.config.jobs.workers == 0:
+            return NoExecutor()
+        handlers: list[JobHandler] = [
+            AnalyzeHandler(self.ledger, self.spool, self.queue, self.config.analysis, self.audit,
+                           uid_root=self.config.results.uid_root),
+            DeliverHandler(self.ledger, self.spool, self.queue, self.config.destinations,
+                           self.config.node.ae_title, self.audit),
+        ]
+        return LocalExecutor(self.queue, handlers, workers=self.config.jobs.workers,
+                             worker_kind=self.config.jobs.worker_kind)
+
+    @property
+    def receive_role(self) -> bool:
+        return self.role == "serve"
+
+    def describe(self) -> str:
+        """What this process is doing, for ``dicomnode nodes``."""
+        jobs = self.executor.busy
+        what = "receiver+sweeper" if self.receive_role else "worker"
+        if self.config.cluster is None and self.config.jobs.workers:
+            what += f" + {self.config.jobs.workers} local worker(s)"
+        return f"{what}: {jobs} job(s) running" if jobs else what
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.last_reconcile = self.reconcile()
+        self.ledger.register_process(self.role, self.node_id)
+        self.heartbeat.start()
+        if self.receive_role:
+            self.last_reconcile = self.reconcile()
         released = self.queue.release_stale_leases()
         if released:
             self.audit.log("jobs.resumed", jobs=released)
-        self.receiver.start()
+        if self.receive_role:
+            self.receiver.start()
         self.executor.start()
-        # The scheduler is only a clock: the sweep re-reads the ledger, so a lost timer costs a
-        # little latency, never a series.
-        sweep_every = min(1.0, self.config.assembly.quiet_period_s / 4)
-        self.scheduler.add_job(self.sweep, "interval", seconds=sweep_every, id="assembly-sweep")
-        self.scheduler.start()
-        if self.config.admin.enabled:
+        if self.receive_role:
+            # The scheduler is only a clock: the sweep re-reads the ledger, so a lost timer costs a
+            # little latency, never a series.
+            sweep_every = min(1.0, self.config.assembly.quiet_period_s / 4)
+            self.scheduler.add_job(self.sweep, "interval", seconds=sweep_every, id="assembly-sweep")
+            self.scheduler.start()
+        if self.config.admin.enabled and self.receive_role:
             self._start_admin()
         self._started = True
-        self.audit.log("node.started", ae_title=self.config.node.ae_title, port=self.config.node.port)
+        self.audit.log("node.started", ae_title=self.config.node.ae_title, port=self.config.node.port,
+                       node_id=self.node_id, process=self.ledger.process_id, role=self.role)
 
     def stop(self) -> None:
         if self._started:
             if self.admin is not None:
                 self.admin.stop()
                 self.admin = None
-            self.receiver.stop()
-            self.scheduler.shutdown(wait=True)
+            if self.receive_role:
+                self.receiver.stop()
+                self.scheduler.shutdown(wait=True)
             self.executor.stop()
+            self.heartbeat.stop()
+            try:
+                self.ledger.process_stopped()
+            except Exception as exc:  # the database is away; the missing heartbeats say it anyway
+                LOG.warning("could not record the stop in the ledger: %s", exc)
             self._started = False
             self.audit.log("node.stopped")
         self.ledger.close()
         self.audit.close()
 
     def _start_admin(self) -> None:
-        # The console is an aid: a taken port must not stop images from being received.
+        # The console is an aid: a taken port must not stop images from being received. Imported
+        # here so that FastAPI and uvicorn load only when the console is on.
         from dicomnode.admin import AdminServer
 
         admin = AdminServer(self)
@@ -189,7 +242,12 @@ class Node:
         indexed_paths = self.ledger.instance_paths()
         on_disk = set(self.spool.files("instances"))
         orphans = 0
+        # A shared spool holds files that other nodes linked a moment ago and are committing now:
+        # only files older than that are orphans.
+        settled_before = time.time() - 60.0 if self.config.cluster is not None else None
         for relative in sorted(on_disk - indexed_paths):
+            if settled_before is not None and self._modified_after(relative, settled_before):
+                continue
             try:
                 data = self.spool.read(relative)
                 ds = parse_header(data)
@@ -205,7 +263,7 @@ class Node:
                     calling_ae=str(meta.get("SourceApplicationEntityTitle", "")).strip(),
                     peer_host="",
                     received_at=datetime.now(UTC),
-                    association_id="reconciled",
+                    association_id=RECONCILED_ASSOCIATION,
                     **routing_fields(ds),
                 )
                 self.ledger.record_instance(item)
@@ -221,3 +279,9 @@ class Node:
             self.audit.log("node.reconciled", debris_removed=debris, orphans_indexed=orphans,
                            missing=len(missing))
         return report
+
+    def _modified_after(self, relative: str, moment: float) -> bool:
+        try:
+            return self.spool.path(relative).stat().st_mtime > moment
+        except OSError:
+            return True

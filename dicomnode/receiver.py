@@ -1,11 +1,14 @@
 """Storage and Verification SCP: the network edge where scanners push images.
 
-Per association: accept or reject (PS3.8 7.1.1.9: permanent reject, calling AE title not recognised
+Per connection (:mod:`dicomnode.transport`): a bounded negotiation pool with a per-host cap and a
+handshake deadline, timeouts on every read and write, PDUs bounded by the negotiated maximum, and
+association slots for live associations only, so no host can lock the scanners out. Per
+association: accept or reject (PS3.8 7.1.1.9: permanent reject, calling AE title not recognised
 for unknown callers or hosts; called AE title not recognised; transient reject over the association
-limit). Per C-STORE: the data set bytes are stored exactly as received (Storage Level 2, no
-coercion) behind a File Meta Information header of ours, fsynced in the spool, indexed in the ledger
-and only then answered with Success (PS3.4 B.2.3). The receiver never decodes pixel data, runs
-models or waits on jobs.
+limit). Per C-STORE: the command must match its presentation context; the data set bytes are
+stored exactly as received (Storage Level 2, no coercion) behind a File Meta Information header of
+ours, fsynced in the spool, indexed in the ledger and only then answered with Success (PS3.4
+B.2.3). The receiver never decodes pixel data, runs models or waits on jobs.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import pydicom
 from pydicom.charset import convert_encodings, default_encoding
@@ -40,19 +43,26 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pydicom.valuerep import VR
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode import __version__
 from dicomnode.audit import Audit
 from dicomnode.config import NodeSettings, Peer
 from dicomnode.domain import StoredInstance
-from dicomnode.errors import CannotUnderstand, DataSetMismatch, OutOfResources, StoreRefused
+from dicomnode.errors import (
+    CannotUnderstand,
+    DataSetMismatch,
+    OutOfResources,
+    SopClassNotSupported,
+    StoreRefused,
+)
 from dicomnode.ledger import Ledger, RecordOutcome
-from dicomnode.spool import Spool, require_uid, valid_uid
+from dicomnode.spool import Spool, valid_uid
+from dicomnode.transport import Admission, EdgeLimits, EdgeServer
 
 LOG = logging.getLogger(__name__)
 
@@ -63,6 +73,11 @@ IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): (result, source, diagnostic)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+
+# pynetdicom's own association limit counts every Association thread, negotiating or dying ones
+# too; the limit is enforced by transport.Admission on live associations instead.
+_PYNETDICOM_LIMIT_OFF = 2**31 - 1
+_REFUSAL_LOG_EVERY = 10.0  # seconds between warnings about connections refused from one host
 
 # Image IODs whose Modality attribute is an enumerated value (PS3.3 A.3, A.4, ...). A data set that
 # claims one of these SOP classes with another modality does not match its SOP class.
@@ -186,15 +201,19 @@ class Receiver:
         audit: Audit,
         on_stored: StoredCallback | None = None,
         on_released: Callable[[str], None] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port  # cluster: several receiver processes share the DICOM port
         self.spool = spool
         self.ledger = ledger
         self.audit = audit
         self._peers = PeerTable(peers)
         self._on_stored = on_stored
         self._on_released = on_released
-        self._servers: list[ThreadedAssociationServer] = []
+        self._servers: list[EdgeServer] = []
+        self._admission = Admission(edge_limits(settings))
+        self._refusals: dict[str, tuple[float, int]] = {}  # host -> (last warning, refused since)
         self._association_ids: dict[int, str] = {}
         self._stored_by_association: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -208,7 +227,7 @@ class Receiver:
         ae = AE(ae_title=s.ae_title)
         ae.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        ae.maximum_associations = s.max_associations
+        ae.maximum_associations = _PYNETDICOM_LIMIT_OFF  # see transport.Admission
         ae.maximum_pdu_size = s.max_pdu
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout
@@ -227,6 +246,18 @@ class Receiver:
         self._peers = PeerTable(peers)
 
     def start(self) -> None:
+        quiet_pynetdicom_event_logging()
+        self._servers.append(self._serve(self.settings.port, None))
+        tls = self.settings.tls
+        if tls is not None:
+            context = tls_server_context(tls.certificate, tls.private_key, tls.ca_certificates,
+                                         tls.require_client_certificate)
+            self._servers.append(self._serve(tls.port, context))
+        LOG.info("listening on %s:%s as %s", self.settings.host, self.settings.port, self.settings.ae_title)
+
+    def _serve(self, port: int, ssl_context: ssl.SSLContext | None) -> EdgeServer:
+        """One listener (``AE.start_server(block=False)`` with our server class). Both listeners
+        share one admission: association slots and the negotiation pool are the node's."""
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected_by_pynetdicom),
@@ -236,26 +267,42 @@ class Receiver:
             (evt.EVT_RELEASED, self._on_association_end),
             (evt.EVT_ABORTED, self._on_association_end),
         ]
-        quiet_pynetdicom_event_logging()
-        address = (self.settings.host, self.settings.port)
-        self._servers.append(_server(self.ae.start_server(address, block=False, evt_handlers=handlers,
-                                                          contexts=self._contexts)))
-        tls = self.settings.tls
-        if tls is not None:
-            context = tls_server_context(tls.certificate, tls.private_key, tls.ca_certificates,
-                                         tls.require_client_certificate)
-            self._servers.append(_server(
-                self.ae.start_server(
-                    (self.settings.host, tls.port), block=False, evt_handlers=handlers,
-                    ssl_context=context, contexts=self._contexts,
-                )
-            ))
-        LOG.info("listening on %s:%s as %s", self.settings.host, self.settings.port, self.settings.ae_title)
+        server = self.ae.make_server(
+            (self.settings.host, port), evt_handlers=handlers, contexts=self._contexts,
+            ssl_context=ssl_context, server_class=EdgeServer, admission=self._admission,
+            on_refused=self._on_connection_refused, reuse_port=self.reuse_port,
+        )
+        assert isinstance(server, EdgeServer)
+        thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True)
+        thread.start()
+        self.ae._servers.append(server)  # what AE.start_server does; server.shutdown() removes it
+        return server
+
 
     def stop(self) -> None:
         for server in self._servers:
             server.shutdown()
         self._servers.clear()
+
+    def connections(self) -> dict[str, int]:
+        """Connections now negotiating, live associations, and connections refused so far at the
+        door (negotiation pool or per-host cap full, TLS handshake failed)."""
+        return self._admission.snapshot()
+
+    def _on_connection_refused(self, host: str, reason: str) -> None:
+        """Log refused connections, at most once per host every few seconds: a port scanner must
+        not flood the log (nor the audit log: these are not association decisions)."""
+        now = time.monotonic()
+        with self._lock:
+            last, count = self._refusals.get(host, (0.0, 0))
+            if now - last < _REFUSAL_LOG_EVERY:
+                self._refusals[host] = (last, count + 1)
+                return
+            if len(self._refusals) > 10_000:
+                self._refusals.clear()
+            self._refusals[host] = (now, 0)
+        more = f" ({count} more since the last warning)" if count else ""
+        LOG.warning("connection from %s refused: %s%s", host, reason, more)
 
     @property
     def ports(self) -> list[int]:
@@ -272,7 +319,6 @@ class Receiver:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        set_tcp_nodelay(assoc.dul.socket)
         primitive = assoc.requestor.primitive
         assert primitive is not None
         calling = str(primitive.calling_ae_title).strip()
@@ -331,9 +377,22 @@ class Receiver:
         self.audit.log("association.released" if released else "association.aborted",
                        association=association_id, stored=stored)
         if released and stored:
-            self.ledger.association_released(association_id)
+            # Completeness evidence only: a failure here costs latency (the quiet period still
+            # closes the series), so it is logged and the hint still goes to assembly.
+            try:
+                self.ledger.association_released(association_id)
+            except Exception:
+                LOG.exception("could not record the release of association %s", association_id)
             if self._on_released is not None:
-                self._on_released(association_id)
+                try:
+                    self._on_released(association_id)
+                except Exception:
+                    LOG.exception("release hint for association %s failed", association_id)
+        elif stored:
+            try:  # no longer holds other associations' releases back
+                self.ledger.association_aborted(association_id)
+            except Exception:
+                LOG.exception("could not record the abort of association %s", association_id)
 
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
@@ -367,7 +426,11 @@ class Receiver:
                        series_instance_uid=stored.series_instance_uid, epoch=outcome.epoch,
                        bytes=stored.size, transfer_syntax=stored.transfer_syntax_uid)
         if self._on_stored is not None:
-            self._on_stored(stored, outcome)
+            # The instance is durable and committed: Success is the truth whatever happens next.
+            try:
+                self._on_stored(stored, outcome)
+            except Exception:
+                LOG.exception("after storing %s", stored.sop_instance_uid)
         return 0x0000
 
     def _store(
@@ -377,16 +440,21 @@ class Receiver:
         assert isinstance(request, C_STORE)
         sop_class = str(request.AffectedSOPClassUID or "")
         sop_instance = str(request.AffectedSOPInstanceUID or "")
-        transfer_syntax = str(event.context.transfer_syntax)
+        context = event.context
+        if str(context.abstract_syntax) != sop_class:
+            # PS3.7 C.4.2 / Annex C: 0122H, Refused: SOP Class not supported. The context was
+            # negotiated for another SOP class, so this one was never agreed on it (PS3.8 7.1.1.13);
+            # the data set may well match its own class, so A900H would misname the fault.
+            LOG.warning("C-STORE of %s on the presentation context of %s", sop_class, context.abstract_syntax)
+            raise SopClassNotSupported("SOP Class differs from the presentation context's")
+        transfer_syntax = str(context.transfer_syntax)
         self.spool.check_space()
 
         raw = event.encoded_dataset(include_meta=False)
         header = file_meta_bytes(sop_class, sop_instance, transfer_syntax, calling)
-        ds = parse_received(raw, transfer_syntax)
-        check_dataset(ds, sop_class, sop_instance)
+        ds = parse_received(raw, transfer_syntax, self.settings.max_instance_mb * 2**20)
+        study, series = check_dataset(ds, sop_class, sop_instance)
 
-        study = require_uid("StudyInstanceUID", ds.get("StudyInstanceUID"))
-        series = require_uid("SeriesInstanceUID", ds.get("SeriesInstanceUID"))
         relative = self.spool.instance_path(study, series, sop_instance)
         self.spool.write(relative, header, raw)
         item = StoredInstance(
@@ -418,9 +486,18 @@ class Receiver:
         return item, outcome
 
 
-def _server(server: ThreadedAssociationServer | None) -> ThreadedAssociationServer:
-    assert server is not None, "start_server(block=False) returns the server"
-    return server
+def edge_limits(settings: NodeSettings) -> EdgeLimits:
+    """What the listeners allow, from ``[node]`` (see :mod:`dicomnode.transport`)."""
+    return EdgeLimits(
+        max_associations=settings.max_associations,
+        # The A-ASSOCIATE-RQ must arrive within the ACSE timeout whatever the handshake allows.
+        handshake_timeout=min(settings.handshake_timeout, settings.acse_timeout),
+        network_timeout=settings.network_timeout,
+        negotiation_slots=settings.negotiation_slots,
+        negotiation_per_host=settings.negotiation_per_host,
+        max_pdu=settings.max_pdu,
+        max_dataset_bytes=settings.max_instance_mb * 2**20,
+    )
 
 
 def _status(status: int, comment: str) -> Dataset:
@@ -486,35 +563,137 @@ HEADER_TAGS = tuple(
 )
 _DEFER_BYTES = 1024  # longer values (pixel data) are skipped, not copied
 
+# Every VR of PS3.5 6.2 (pydicom's VR enumeration, without its "US or SS" style ambiguous names).
+KNOWN_VRS = frozenset(vr.value for vr in VR if len(vr.value) == 2)
 
-def parse_received(raw: bytes, transfer_syntax: str) -> Dataset:
+
+def _check_vr(tag: BaseTag, vr: str | None, length: int) -> bool:
+    """``stop_when`` of the header walk: called for every top-level element, never stops it.
+
+    An unknown VR (one bit flipped in ``DS`` reads ``DW``) cannot be decoded later: the analysis
+    would lose the whole series' results over one instance, after it was acknowledged. pydicom
+    walks it with a guessed 2-byte length, so it is refused here, where it costs one set lookup.
+    """
+    if vr is not None and vr not in KNOWN_VRS:
+        raise CannotUnderstand(f"unknown VR {vr[:2]!r} in ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+    return False
+
+
+class _InflatingReader:
+    """A read-only file object over raw-deflate bytes (PS3.5 A.5) that inflates on demand.
+
+    Forward seeks inflate and discard, so skipping a 512 MiB Pixel Data value costs CPU, not
+    memory; at most :data:`_REWIND` bytes behind the position are kept for pydicom's short look-backs.
+    Inflating more than ``limit`` bytes raises :class:`OutOfResources`: the data set is larger than
+    the node accepts (a deflate bomb, or simply too big).
+    """
+
+    _CHUNK = 2**18
+    _REWIND = 2**20
+
+    def __init__(self, data: bytes, limit: int) -> None:
+        self._source: memoryview[int] = memoryview(data)
+        self._taken = 0
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._buffer = bytearray()
+        self._start = 0  # stream offset of _buffer[0]
+        self._position = 0
+        self._done = False
+        self._limit = limit
+
+    @property
+    def _produced(self) -> int:
+        return self._start + len(self._buffer)
+
+    def _inflate(self) -> bool:
+        """Inflate one more chunk; False at the end of the stream."""
+        while not self._done:
+            pending: bytes | memoryview[int] = self._inflater.unconsumed_tail
+            if not pending:
+                pending = self._source[self._taken:self._taken + self._CHUNK]
+                self._taken += len(pending)
+            try:
+                out = self._inflater.decompress(pending, self._CHUNK)
+            except zlib.error as exc:
+                raise CannotUnderstand(f"cannot inflate data set: {exc}"[:64]) from exc
+            if self._inflater.eof or (not out and not pending):
+                self._done = True
+            if out:
+                self._buffer += out
+                if self._produced > self._limit:
+                    raise OutOfResources(f"data set inflates past max_instance_mb ({self._limit // 2**20} MiB)")
+                # Forget what lies more than _REWIND behind the position (during a long forward
+                # seek: everything inflated so far), in steps of at least _REWIND.
+                keep_from = min(self._position - self._REWIND, self._produced)
+                if keep_from - self._start > self._REWIND:
+                    del self._buffer[: keep_from - self._start]
+                    self._start = keep_from
+                return True
+        return False
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            while self._inflate():
+                pass
+            size = max(0, self._produced - self._position)
+        while self._produced < self._position + size and self._inflate():
+            pass
+        at = self._position - self._start
+        data = bytes(self._buffer[at:at + size])
+        self._position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset if whence == 0 else self._position + offset if whence == 1 else -1
+        if target < self._start:
+            raise OSError(f"cannot seek back to {target} in an inflating stream")
+        self._position = target
+        while self._produced < target and self._inflate():
+            pass
+        return target
+
+    def tell(self) -> int:
+        return self._position
+
+    def length(self) -> int:
+        """The inflated length of the whole stream (inflates the rest, within the limit)."""
+        while self._inflate():
+            pass
+        return self._produced
+
+
+def parse_received(raw: bytes, transfer_syntax: str, max_inflated: int = 2**62) -> Dataset:
     """Parse a received data set (no File Meta) for :data:`HEADER_TAGS` only.
 
     Every top-level element header is walked (undefined-length sequences and values down to their
-    delimiters); the values of other elements are skipped unread and never converted, which keeps
-    this cheap per C-STORE. A data set that cannot be walked, or whose last element runs past the
-    end (truncated), raises :class:`CannotUnderstand` (0xC000).
+    delimiters) and its VR checked against :data:`KNOWN_VRS`; the values of other elements are
+    skipped unread and never converted, which keeps this cheap per C-STORE. A deflated data set is
+    inflated as it is walked, never more than ``max_inflated`` bytes and never all in memory. A data
+    set that cannot be walked, or whose last element runs past the end (truncated), raises
+    :class:`CannotUnderstand` (0xC000); one that inflates past the limit :class:`OutOfResources`.
     """
+    fp: BytesIO | _InflatingReader
     try:
         syntax = UID(transfer_syntax)
         known = syntax.is_transfer_syntax  # else: explicit VR little endian, as pydicom assumes
-        if known and syntax.is_deflated:
-            raw = zlib.decompress(raw, -zlib.MAX_WBITS)
         implicit = known and bool(syntax.is_implicit_VR)
         little = not known or bool(syntax.is_little_endian)
-        fp = BytesIO(raw)
+        fp = _InflatingReader(raw, max_inflated) if known and syntax.is_deflated else BytesIO(raw)
         elements: dict[BaseTag, Any] = {}
-        for elem in data_element_generator(fp, implicit, little, defer_size=_DEFER_BYTES,
-                                           specific_tags=list(HEADER_TAGS)):
+        for elem in data_element_generator(cast(BinaryIO, fp), implicit, little, stop_when=_check_vr,
+                                           defer_size=_DEFER_BYTES, specific_tags=list(HEADER_TAGS)):
             elements[elem.tag] = elem
+        end = fp.tell()  # past the end when a skipped value was longer than the data
+        length = fp.length() if isinstance(fp, _InflatingReader) else len(raw)
+    except StoreRefused:
+        raise
     except Exception as exc:
         raise CannotUnderstand(f"cannot parse data set: {exc}"[:64]) from exc
-    end = fp.tell()  # past the end when a skipped value was longer than the data
     for elem in elements.values():
         if isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF:
             end = max(end, elem.value_tell + elem.length)
-    if end > len(raw):
-        raise CannotUnderstand(f"data set truncated: {len(raw)} of at least {end} bytes")
+    if end > length:
+        raise CannotUnderstand(f"data set truncated: {length} of at least {end} bytes")
     ds = Dataset(elements)
     encoding: str | list[str] = default_encoding
     try:
@@ -538,18 +717,46 @@ def parse_header(data: bytes) -> Dataset:
         raise CannotUnderstand(f"cannot parse data set: {exc}"[:64]) from exc
 
 
-def check_dataset(ds: Dataset, sop_class: str, sop_instance: str) -> None:
-    """Refuse a data set that contradicts its C-STORE command or its SOP class (PS3.4 B.2.3)."""
-    ds_class = ds.get("SOPClassUID")
-    ds_instance = ds.get("SOPInstanceUID")
+def received_uid(ds: Dataset, tag: int, keyword: str) -> str | None:
+    """The UID in element ``tag`` exactly as received: None when absent or empty, else the value,
+    which must be a valid UID (PS3.5 9.1) with at most the one trailing pad byte that makes its
+    length even (NULL per PS3.5 6.2; a space, which old equipment writes, is tolerated).
+
+    pydicom strips spaces on both sides when it converts a UI value, so ``" 1.2.3"`` would be
+    indexed as ``1.2.3`` while the stored bytes say otherwise; the raw bytes are checked instead.
+    """
+    if tag not in ds:
+        return None
+    value: object = ds.get_item(tag).value
+    if isinstance(value, str):  # converted already: a data set built in memory, not received
+        value = value.encode("ascii", "replace")
+    if not isinstance(value, bytes):  # deferred (longer than any UID) or multi-valued
+        raise CannotUnderstand(f"{keyword} is not a valid UID")
+    if len(value) % 2 == 0 and value[-1:] in (b"\x00", b" "):
+        value = value[:-1]
+    if not value:
+        return None
+    text = value.decode("ascii", "replace")
+    if not valid_uid(text):
+        raise CannotUnderstand(f"{keyword} {text[:40]!r} is not a valid UID")
+    return text
+
+
+def check_dataset(ds: Dataset, sop_class: str, sop_instance: str) -> tuple[str, str]:
+    """Refuse a data set that contradicts its C-STORE command or its SOP class (PS3.4 B.2.3).
+    Returns its (Study Instance UID, Series Instance UID), checked as received."""
+    ds_instance = received_uid(ds, 0x00080018, "SOPInstanceUID")
+    ds_class = received_uid(ds, 0x00080016, "SOPClassUID")
     if not ds_instance:
         raise DataSetMismatch("SOPInstanceUID is missing")
-    if str(ds_instance) != sop_instance:
+    if ds_instance != sop_instance:
         raise DataSetMismatch("SOPInstanceUID differs from the C-STORE request")
-    if str(ds_class or "") != sop_class:
+    if (ds_class or "") != sop_class:
         raise DataSetMismatch("SOPClassUID differs from the C-STORE request")
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-        if not ds.get(keyword):
+    study = received_uid(ds, 0x0020000D, "StudyInstanceUID")
+    series = received_uid(ds, 0x0020000E, "SeriesInstanceUID")
+    for keyword, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
+        if not uid:
             raise DataSetMismatch(f"{keyword} is missing")
     modalities = _MODALITY_OF_SOP_CLASS.get(sop_class)
     if modalities is not None:
@@ -558,6 +765,8 @@ def check_dataset(ds: Dataset, sop_class: str, sop_instance: str) -> None:
             raise DataSetMismatch(f"Modality {modality!r} does not match the SOP class")
         if not any(tag in ds for tag in _PIXEL_TAGS):
             raise DataSetMismatch("image SOP class without Pixel Data")
+    assert study is not None and series is not None
+    return study, series
 
 
 def _int(value: Any) -> int | None:

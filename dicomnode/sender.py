@@ -88,23 +88,36 @@ def _on_connected(event: evt.Event) -> None:
 EVENT_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, _on_connected)]
 
 
-def make_ae(calling_ae: str) -> AE:
+def make_ae(calling_ae: str, destination: Destination | None = None) -> AE:
+    """A requesting AE with the destination's SCU settings: the largest PDU we accept (PS3.8
+    D.3.3.1; ``AE.associate`` takes it as ``max_pdu``, set here too so the AE states it) and the
+    ACSE, DIMSE and network timeouts (the defaults of :class:`Destination` when none is given)."""
+    settings = destination or _DEFAULT_SCU
     quiet_pynetdicom_event_logging()
     ae = AE(ae_title=calling_ae)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 120
-    ae.network_timeout = 60
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
     return ae
 
 
-def _tls(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
+_DEFAULT_SCU = Destination(ae_title="ANY-SCP", host="127.0.0.1", port=104)  # only its SCU settings are read
+
+
+def tls_arguments(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for a TLS destination (PS3.15 B.1, TLS 1.2 or newer): its
+    certificate is verified against ``ca_certificates`` (else the system's CAs) and its host name,
+    and our client certificate is presented when one is configured. None for plain TCP."""
     if not destination.tls:
         return None
     context = ssl.create_default_context(
         cafile=str(destination.ca_certificates) if destination.ca_certificates else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if destination.certificate is not None and destination.private_key is not None:
+        context.load_cert_chain(str(destination.certificate), str(destination.private_key))
     return context, destination.host
 
 
@@ -112,13 +125,9 @@ def store(path: Path, destination: Destination, calling_ae: str) -> int:
     """Send one Part 10 file; returns the C-STORE status or raises Transient/Permanent."""
     ds = pydicom.dcmread(path)
     syntax = ds.file_meta.TransferSyntaxUID
-    ae = make_ae(calling_ae)
+    ae = make_ae(calling_ae, destination)
     ae.add_requested_context(ds.SOPClassUID, [syntax])
-    try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             tls_args=_tls(destination), evt_handlers=EVENT_HANDLERS)
-    except OSError as exc:
-        raise Transient(f"cannot connect to {destination.host}:{destination.port}: {exc}") from exc
+    assoc = _associate(ae, destination)
     if assoc.is_rejected:
         rj = assoc.acceptor.primitive
         result = getattr(rj, "result", None)
@@ -145,12 +154,22 @@ def store(path: Path, destination: Destination, calling_ae: str) -> int:
             assoc.release()
 
 
+def _associate(ae: AE, destination: Destination) -> Any:
+    """Request an association; a failure to connect (refused, TLS handshake, unreadable client
+    certificate) is Transient: the destination or its files may be fixed while we retry."""
+    try:
+        return ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                            max_pdu=destination.max_pdu, tls_args=tls_arguments(destination),
+                            evt_handlers=EVENT_HANDLERS)
+    except OSError as exc:  # ssl.SSLError is an OSError
+        raise Transient(f"cannot connect to {destination.host}:{destination.port}: {exc}") from exc
+
+
 def echo(destination: Destination, calling_ae: str) -> int:
     """C-ECHO a destination; returns the status (raises Transient/Permanent like :func:`store`)."""
-    ae = make_ae(calling_ae)
+    ae = make_ae(calling_ae, destination)
     ae.add_requested_context(VERIFICATION_SOP_CLASS)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         tls_args=_tls(destination), evt_handlers=EVENT_HANDLERS)
+    assoc = _associate(ae, destination)
     if not assoc.is_established:
         raise Transient(f"no association with {destination.ae_title}@{destination.host}:{destination.port}")
     try:

@@ -3,7 +3,10 @@
 
 Layout under the spool root::
 
-    incoming/                      temporary files; anything here after a crash is debris
+    incoming/[<node_id>/]          temporary files <pid>-<random>.part; after a crash, those of
+                                   processes that no longer exist are debris. In a cluster each
+                                   node has its own folder of a shared spool, so that start-up
+                                   never touches another node's files in flight.
     instances/<study>/<series>/<sop>.dcm
     results/<study>/<series>/<sop>.dcm
 
@@ -52,12 +55,13 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """A directory of immutable DICOM files, written crash-safely."""
 
-    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0, node_id: str = "") -> None:
         self.root = root.resolve()
-        self.incoming = self.root / "incoming"
+        self.incoming = self.root / "incoming" / node_id if node_id else self.root / "incoming"
         self.min_free_bytes = min_free_bytes
-        for sub in ("incoming", "instances", "results"):
+        for sub in ("instances", "results"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()  # directories known to exist durably
         self._resolved: dict[str, Path] = {}  # relative parent folder -> resolved, checked path
 
@@ -110,7 +114,7 @@ class Spool:
         target = self._target(relative)
         size = sum(len(c) for c in chunks)
         self.check_space(size)
-        temp = self.incoming / f"{uuid.uuid4().hex}.part"
+        temp = self.incoming / f"{os.getpid()}-{uuid.uuid4().hex}.part"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
@@ -166,11 +170,18 @@ class Spool:
         return self.path(relative).is_file()
 
     def remove_debris(self) -> int:
-        """Delete temporary files left by a crash; returns how many were removed."""
+        """Delete temporary files left by a crash; returns how many were removed. Files of another
+        live process writing into the same folder (receivers sharing a port) are left alone."""
         removed = 0
         for entry in self.incoming.iterdir():
-            entry.unlink()
-            removed += 1
+            if entry.is_dir():  # another node's folder of a shared spool
+                continue
+            writer, _, _ = entry.name.partition("-")
+            if writer.isdigit() and int(writer) != os.getpid() and process_exists(int(writer)):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed += 1
         if removed:
             _fsync_dir(self.incoming)
         return removed
@@ -180,3 +191,14 @@ class Spool:
         base = self.root / area
         for path in base.rglob("*.dcm"):
             yield path.relative_to(self.root).as_posix()
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (any owner)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -57,7 +57,8 @@ def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
         "peers": [{"ae_title": "STORESCU", "hosts": ["127.0.0.1"]}, {"ae_title": "ECHOSCU"},
                   {"ae_title": "PYNETDICOM"}],
         "assembly": {"quiet_period_s": 0.5, "release_grace_s": 0.1},
-        "jobs": {"workers": 0, "poll_interval_s": 0.2, "backoff_base_s": 0.2},
+        # One job at a time in a thread of the test process: no worker process to spawn.
+        "jobs": {"workers": 1, "worker_kind": "thread", "poll_interval_s": 0.2, "backoff_base_s": 0.2},
         # Tests that exercise the console turn it on with a free port; others must not race for 8080.
         "admin": {"enabled": False},
     }
@@ -115,3 +116,23 @@ def ct_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# --- PostgreSQL (tests/postgres.py): one throw-away cluster per session, one database per test ---
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    from postgres import Postgres
+
+    cluster = Postgres().init().start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    """The SQLAlchemy URL (Unix socket) of a new, empty database."""
+    return str(postgres.create_database())

@@ -82,7 +82,7 @@ def test_token_protects_everything_but_healthz(admin_node: AdminNodeFactory) -> 
         health = http.get("/healthz")
         assert health.status_code == 200 and health.json()["status"] == "ok"
         for path in ("/api/overview", "/api/peers", "/api/series", "/api/dead-letters", "/metrics",
-                     "/openapi.json", "/console.js", "/"):
+                     "/openapi.json", "/console/console.js", "/console/console.css", "/"):
             assert http.get(path).status_code == 401, path
             assert http.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
             assert http.get(path, headers=AUTH).status_code == 200, path
@@ -177,7 +177,7 @@ def test_dead_letter_replay_and_destination_echo_and_cli(admin_node: AdminNodeFa
     succeeds and a replay delivers. The CLI sees the same state."""
     pacs_port = free_port()
     node = admin_node(destinations={"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
-                      jobs={"max_attempts": 1})
+                      jobs={"max_attempts": 1, "retry_for_h": 0})
     assert node.config_path is not None
     config = str(node.config_path)
     files = write_series(ct_series(6, seed="admin-dead"), tmp_path / "ct")
@@ -254,3 +254,84 @@ def test_cli_peers_edit_the_file_and_a_running_node_applies_them(admin_node: Adm
     assert load_config(config).peer("LATER") is not None
     status = cli("status", "--config", config)
     assert status.returncode == 1 and "not reachable" in status.stdout and "queue depth: 0" in status.stdout
+
+
+def test_blank_environment_token_binds_loopback_and_opens_no_session(
+    admin_node: AdminNodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blank token is no token (the config refuses one; the environment's is ignored): the
+    console binds loopback only, and a blank token typed at the sign-in form is refused."""
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, " ")
+    node = admin_node(admin={"host": "0.0.0.0", "token": None})
+    assert node.admin is not None and node.admin.host == "127.0.0.1"
+    with httpx.Client(base_url=node.admin.url) as http:
+        for given in ("", " "):
+            response = http.post("/login", data={"token": given})
+            assert response.status_code == 401 and SESSION_COOKIE not in response.cookies
+
+
+def test_console_files_come_from_the_package(admin_node: AdminNodeFactory) -> None:
+    node = admin_node()
+    with httpx.Client(base_url=node.admin.url, headers=AUTH) as http:  # type: ignore[union-attr]
+        page = http.get("/")
+        assert '<script src="/console/console.js">' in page.text
+        script = http.get("/console/console.js")
+        assert script.headers["content-type"].startswith(("text/javascript", "application/javascript"))
+        assert "Content-Security-Policy" in script.headers and "loadOverview" in script.text
+        assert http.get("/console/console.css").headers["content-type"].startswith("text/css")
+        assert http.get("/console/nothing.js").status_code == 404
+        assert http.get("/console/../admin.py").status_code in (401, 404)
+
+
+HOSTILE_SEGMENTS = ["99999999999999999999999", "-1", "0", "9223372036854775808", "1e9", "%00", "x" * 5000,
+                    "%E2%80%AE", "..%2F..%2Fetc%2Fpasswd", "NaN", "1.5"]
+HOSTILE_QUERIES = ["limit=99999999999999999999999", "limit=-1", "limit=0", "limit=abc", "kind=nope",
+                   "state=nope", "limit=1e3", "state=dead&state=%00"]
+
+
+def test_no_input_gives_a_500(admin_node: AdminNodeFactory) -> None:
+    """Every route of the API, with every path parameter replaced by hostile values and every
+    query by out-of-range ones: 4xx (or 2xx), never 5xx. Out-of-range ids are 422."""
+    node = admin_node()
+    with httpx.Client(base_url=node.admin.url, headers=AUTH, timeout=30) as http:  # type: ignore[union-attr]
+        overflow = http.post("/api/jobs/99999999999999999999999/retry")
+        assert overflow.status_code == 422, overflow.text
+        assert http.post("/api/jobs/9223372036854775807/retry").status_code == 404
+        assert http.post("/api/jobs/0/retry").status_code == 422
+        schema = http.get("/openapi.json").json()
+        checked = 0
+        for template, operations in schema["paths"].items():
+            for method in operations:
+                names = [part.split("}")[0] for part in template.split("{")[1:]]
+                urls = []
+                for segment in HOSTILE_SEGMENTS if names else [""]:
+                    path = template
+                    for name in names:
+                        path = path.replace("{" + name + "}", segment)
+                    urls.append(path)
+                if method == "get":
+                    urls += [f"{urls[0]}?{query}" for query in HOSTILE_QUERIES]
+                for url in urls:
+                    body = {"ae_title": "X" * 17, "hosts": ["not a host"], "description": "\x00"}
+                    extra = {"json": body} if method in ("post", "put") else {}
+                    response = http.request(method.upper(), url, **extra)
+                    assert response.status_code < 500, (method, url, response.status_code, response.text)
+                    checked += 1
+        assert checked > 80, checked
+        # The peers file was never made invalid by any of this.
+        assert load_config(node.config_path).peers
+
+
+def test_peer_edits_on_a_node_without_a_config_file_are_refused(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    path, _ = write_config(tmp_path, admin={"enabled": True, "port": free_port(), "token": TOKEN})
+    with Node(load_config(path), None) as node:  # as `dicomnode serve` on the embedded default
+        assert node.admin is not None
+        with httpx.Client(base_url=node.admin.url, headers=AUTH) as http:
+            peers = http.get("/api/peers").json()
+            assert peers["editable"] is False and "dicomnode init" in peers["read_only_reason"]
+            refused = http.post("/api/peers", json={"ae_title": "NEWSCU"})
+            assert refused.status_code == 409
+            assert "embedded default" in refused.json()["detail"] and "dicomnode init" in refused.json()["detail"]
+            assert http.post("/api/peers/reload").status_code == 409

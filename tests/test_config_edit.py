@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 from pathlib import Path
 
 import pytest
 
 from dicomnode import config_edit
-from dicomnode.config import DEFAULT_CONFIG_PATH, load_config
+from dicomnode.config import embedded_config_text, load_config
 from dicomnode.errors import ConfigError
 
 
 @pytest.fixture
 def shipped(tmp_path: Path) -> Path:
     path = tmp_path / "dicomnode.toml"
-    shutil.copy(DEFAULT_CONFIG_PATH, path)
+    path.write_text(embedded_config_text(), encoding="utf-8")  # what `dicomnode init` writes
     return path
 
 
@@ -45,7 +44,7 @@ def test_add_replace_remove_keep_every_comment_and_other_sections(shipped: Path)
     text = shipped.read_text()
     assert comments(text) == [c for c in comments(before) if "DCMTK's default" not in c]
     assert "[[peers]]" not in text and "peers = []" not in text
-    assert load_config(shipped).destinations == load_config(DEFAULT_CONFIG_PATH).destinations
+    assert load_config(shipped).destinations == load_config(None).destinations
 
     config = config_edit.add_peer(shipped, {"ae_title": "AGAIN"})
     assert [p.ae_title for p in config.peers] == ["AGAIN"] == [p.ae_title for p in load_config(shipped).peers]

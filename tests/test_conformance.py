@@ -207,7 +207,7 @@ def test_stated_parameters_and_identification_are_those_of_the_running_receiver(
     assert f"| Implementation Version Name | `{ae.implementation_version_name}` |" in scp
     # The fixture's node runs on the defaults for these two, so the statement's values must match.
     assert f"{ae.maximum_pdu_size} bytes (`node.max_pdu`)" in scp
-    assert f"At most {ae.maximum_associations} concurrent associations" in scp
+    assert f"At most {running_node.node.receiver.settings.max_associations} concurrent associations" in scp
 
 
 def test_stated_rejections_are_what_the_running_receiver_sends(make_node: NodeFactory, statement: str) -> None:

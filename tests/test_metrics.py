@@ -28,7 +28,7 @@ def value(found: Samples, name: str, **labels: str) -> float:
 
 
 def audit_lines(node_data: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in (node_data / "audit.log").read_text().splitlines()]
+    return [json.loads(line) for line in (node_data / "audit.jsonl").read_text().splitlines()]
 
 
 def test_real_send_is_counted_and_audited(admin_node: AdminNodeFactory,  # noqa: F811  (fixture)
@@ -36,7 +36,8 @@ def test_real_send_is_counted_and_audited(admin_node: AdminNodeFactory,  # noqa:
     pacs_port, down_port = free_port(), free_port()
     node = admin_node(destinations={"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port},
                                     "DOWN": {"ae_title": "DOWN", "host": "127.0.0.1", "port": down_port}},
-                      jobs={"max_attempts": 2, "backoff_base_s": 0.1})
+                      # A retry horizon (0.036 s) shorter than the backoff: one retry, then dead.
+                      jobs={"max_attempts": 2, "backoff_base_s": 0.1, "retry_for_h": 0.00001})
     port = node.receiver.ports[0]
     files = write_series(ct_series(5, seed="metrics"), tmp_path / "ct")
     with storescp(pacs_port, tmp_path / "pacs"):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pydicom
 from conftest import NodeFactory, run_dcmtk, store_successes, storescu
+from procs import command_line, descendants, wait_all_gone
 from synthetic import ct_series, write_series
 from test_recovery import free_port, start_serving, write_config
 
@@ -111,7 +112,7 @@ def test_no_matching_rule_ignores_series_and_stat_rule_is_claimed_first(make_nod
 
 def test_kill_9_while_job_runs_reruns_it_once_after_restart(tmp_path: Path) -> None:
     port = free_port()
-    config_path, data = write_config(tmp_path, node={"port": port}, jobs={"workers": 1},
+    config_path, data = write_config(tmp_path, node={"port": port}, jobs={"workers": 1, "worker_kind": "process"},
                                      assembly={"quiet_period_s": 0.3})
     proc = start_serving(config_path, port)
     files = write_series(ct_series(60, 256, 256, seed="killjob"), tmp_path / "kj")
@@ -128,13 +129,21 @@ def test_kill_9_while_job_runs_reruns_it_once_after_restart(tmp_path: Path) -> N
             time.sleep(0.01)
         else:
             raise AssertionError("the analyze job never started")
+        family = descendants(proc.pid)
+        assert family, "the node runs its analysis in a worker process"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         watcher.close()
     finally:
         if proc.poll() is None:
             proc.kill()
-    node = Node(parse_config({**data, "jobs": {**data["jobs"], "workers": 0}}))
+    # Its worker processes die with it (issue 10 item 2): none is left to finish the job late.
+    survivors = wait_all_gone(family)
+    leftovers = [command_line(pid) for pid, _ in survivors]
+    for pid, _ in survivors:  # the test must not leave them running either
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, leftovers
+    node = Node(parse_config({**data, "jobs": {**data["jobs"], "worker_kind": "thread"}}))
     node.start()
     try:
         node.run_until_idle(timeout=120)
@@ -172,7 +181,7 @@ def test_analysis_runs_in_a_worker_process_with_the_default_executor(
 ) -> None:
     """jobs.workers >= 1 (the default) pickles the task and the handler's ``run`` into a process
     pool; a handler bound to the ledger cannot travel, so this pins the production path."""
-    running = make_node(jobs={"workers": 1})
+    running = make_node(jobs={"workers": 1, "worker_kind": "process"})
     files = write_series(ct_series(4, seed="worker-process"), tmp_path / "wp")
     assert store_successes(storescu(running.port, *files)) == 4
     running.node.run_until_idle(timeout=120)

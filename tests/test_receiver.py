@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import NodeFactory, RunningNode, run_dcmtk, store_successes, storescu
+from pki import make_pki
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_preamble
 from pydicom.uid import (
@@ -405,29 +406,11 @@ def test_garbage_bytes_on_socket_never_kill_the_node(running_node: RunningNode) 
 # --- TLS -----------------------------------------------------------------------------------------
 
 
-def _make_pki(folder: Path) -> dict[str, Path]:
-    """A CA, a server certificate and a client certificate, made with the openssl tool."""
-    folder.mkdir()
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-            "-keyout", "ca.key", "-out", "ca.crt")
-    for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                "-out", f"{name}.csr")
-        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext")
-    return {p.stem + p.suffix.replace(".", "_"): p for p in folder.iterdir()}
-
-
 def test_tls_echo_and_store_with_client_certificate(make_node: NodeFactory, tmp_path: Path,
                                                     ct_folder: Path) -> None:
     import socket as _socket
 
-    pki = _make_pki(tmp_path / "pki")
+    pki = make_pki(tmp_path / "pki")
     with _socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         tls_port = probe.getsockname()[1]
@@ -540,3 +523,39 @@ def test_accepted_sockets_have_tcp_nodelay(running_node: RunningNode) -> None:
         server.bind(evt.EVT_C_ECHO, on_echo)  # intervention event: replaces the receiver's handler
     assert "Received Echo Response (Success)" in _echo(running_node.port, "ECHOSCU")
     assert seen and all(seen)
+
+
+def _deflated(ds: Dataset) -> bytes:
+    """A data set in Deflated Explicit VR Little Endian, as a C-STORE carries it."""
+    import zlib
+
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(_encode(ds)) + compressor.flush()
+
+
+def test_deflated_parse_skips_large_pixel_data_and_reads_what_follows() -> None:
+    """The inflating reader keeps only a short window: positions must stay exact across a skip of
+    several MiB, so that elements after the pixel data and the truncation check still work."""
+    from dicomnode.receiver import parse_received
+
+    ds = ct_series(1, 1500, 1500, seed="deflate-big")[0]  # 4.3 MiB of pixel data
+    ds.DataSetTrailingPadding = b"\x00" * 1000  # (FFFC,FFFC), after the pixel data
+    raw = _deflated(ds)
+    parsed = parse_received(raw, DeflatedExplicitVRLittleEndian)
+    assert 0x7FE00010 in parsed  # skipped, never inflated into memory
+    assert parsed.SeriesInstanceUID == ds.SeriesInstanceUID
+    truncated = _deflated(ds)[:-2000]
+    with pytest.raises(Exception, match="truncated|inflate"):
+        parse_received(truncated, DeflatedExplicitVRLittleEndian)
+
+
+def test_deflated_parse_stops_inflating_at_the_limit() -> None:
+    from dicomnode.errors import OutOfResources
+    from dicomnode.receiver import parse_received
+
+    ds = ct_series(1, 1024, 1024, seed="deflate-limit")[0]  # 2 MiB of pixel data
+    raw = _deflated(ds)
+    size = len(_encode(ds))
+    parse_received(raw, DeflatedExplicitVRLittleEndian, max_inflated=size)
+    with pytest.raises(OutOfResources, match="max_instance_mb"):
+        parse_received(raw, DeflatedExplicitVRLittleEndian, max_inflated=size - 1)

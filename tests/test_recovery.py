@@ -16,6 +16,7 @@ import pydicom
 import pytest
 import tomlkit
 from conftest import base_config
+from procs import command_line, descendants, wait_all_gone
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -60,9 +61,15 @@ def start_serving(config: Path, port: int) -> subprocess.Popen[bytes]:
 @pytest.mark.parametrize("kill_after", [1, 9, 23])
 def test_kill_9_during_reception_loses_no_acknowledged_instance(tmp_path: Path, kill_after: int) -> None:
     port = free_port()
-    config_path, data = write_config(tmp_path, node={"port": port})
+    # The production executor (worker processes), whose processes must die with the node.
+    config_path, data = write_config(tmp_path, node={"port": port}, jobs={"workers": 1, "worker_kind": "process"})
     datasets = ct_series(30, 128, 128, seed=f"crash-{kill_after}")
     proc = start_serving(config_path, port)
+    deadline = time.monotonic() + 60
+    while not descendants(proc.pid):  # the executor starts its worker processes beside the receiver
+        assert time.monotonic() < deadline, "no worker process started"
+        time.sleep(0.05)
+    family: set[tuple[int, int]] = set()
     acknowledged: list[str] = []
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(CTImageStorage)
@@ -78,14 +85,21 @@ def test_kill_9_during_reception_loses_no_acknowledged_instance(tmp_path: Path, 
                 break
             acknowledged.append(ds.SOPInstanceUID)
             if len(acknowledged) == kill_after:
+                family = descendants(proc.pid)
                 os.kill(proc.pid, signal.SIGKILL)
     finally:
         if assoc.is_established:
             assoc.abort()
         proc.wait(timeout=30)
     assert len(acknowledged) >= kill_after
+    assert family, "the node had started its worker processes"
+    survivors = wait_all_gone(family)
+    leftovers = [command_line(pid) for pid, _ in survivors]
+    for pid, _ in survivors:  # the test must not leave them running either
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, leftovers
 
-    node = Node(parse_config(data))
+    node = Node(parse_config({**data, "jobs": {**data["jobs"], "worker_kind": "thread"}}))
     report = node.reconcile()
     try:
         assert report.missing == ()

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import pydicom
 import pytest
 from conftest import NodeFactory, store_successes, storescu
 from orthanc import Orthanc
+from pki import make_pki
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from synthetic import ct_series, write_series
 from test_recovery import free_port, start_serving, write_config
@@ -21,7 +24,7 @@ from dicomnode.config import Destination, parse_config
 from dicomnode.domain import JobKind, JobState
 from dicomnode.errors import Permanent, Transient
 from dicomnode.node import Node
-from dicomnode.sender import classify
+from dicomnode.sender import classify, echo, store
 
 DEST = Destination(ae_title="PACS", host="127.0.0.1", port=104)
 
@@ -162,3 +165,85 @@ def test_association_reject_is_permanent(make_node: NodeFactory, tmp_path: Path)
         assert pacs.instances() == []
     finally:
         pacs.stop()
+
+
+class SlowPacs:
+    """A Storage SCP (pynetdicom) that records what the requestor asked for and answers C-STORE
+    after ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.requested_max_pdu: list[int] = []
+        self.ae = AE(ae_title="SLOW")
+        self.ae.supported_contexts = AllStoragePresentationContexts
+        self.port = free_port()
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_REQUESTED, self._requested), (evt.EVT_C_STORE, self._store)])
+
+    def _requested(self, event: evt.Event) -> None:
+        self.requested_max_pdu.append(int(event.assoc.requestor.maximum_length))
+
+    def _store(self, event: evt.Event) -> int:
+        time.sleep(self.delay)
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_destination_scu_settings_pdu_size_and_dimse_timeout(tmp_path: Path) -> None:
+    pacs = SlowPacs(delay=4.0)
+    try:
+        [path] = write_series(ct_series(1, seed="scu-settings"), tmp_path / "ct")
+        slow = Destination(ae_title="SLOW", host="127.0.0.1", port=pacs.port, max_pdu=32768, dimse_timeout=1)
+        started = time.monotonic()
+        with pytest.raises(Transient, match="no C-STORE response"):
+            store(path, slow, "DICOMNODE")
+        assert time.monotonic() - started < 3.5, "the destination's dimse_timeout was not applied"
+        patient = Destination(ae_title="SLOW", host="127.0.0.1", port=pacs.port, max_pdu=0, dimse_timeout=10)
+        assert store(path, patient, "DICOMNODE") == 0x0000
+        assert pacs.requested_max_pdu == [32768, 0]
+    finally:
+        pacs.stop()
+
+
+def test_destination_acse_timeout_ends_a_silent_peer(tmp_path: Path) -> None:
+    """A peer that accepts TCP and never answers A-ASSOCIATE-RQ: the destination's acse_timeout
+    bounds the wait (the default is 30 s), and the delivery is retried later (Transient)."""
+    [path] = write_series(ct_series(1, seed="acse-timeout"), tmp_path / "ct")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        destination = Destination(ae_title="SILENT", host="127.0.0.1", port=silent.getsockname()[1],
+                                  acse_timeout=1)
+        started = time.monotonic()
+        with pytest.raises(Transient):
+            store(path, destination, "DICOMNODE")
+        assert time.monotonic() - started < 4.0, "the destination's acse_timeout was not applied"
+
+
+def test_tls_destination_that_requires_a_client_certificate(make_node: NodeFactory, tmp_path: Path) -> None:
+    """Our own node's TLS listener with require_client_certificate is the destination: without a
+    client certificate the handshake is refused (Transient, retried); with ours, C-ECHO and C-STORE
+    succeed."""
+    pki = make_pki(tmp_path / "pki")
+    tls_port = free_port()
+    receiving = make_node(node={"tls": {"port": tls_port, "certificate": str(pki["server_crt"]),
+                                        "private_key": str(pki["server_key"]),
+                                        "ca_certificates": str(pki["ca_crt"]),
+                                        "require_client_certificate": True}})
+    plain = Destination(ae_title="DICOMNODE", host="127.0.0.1", port=tls_port, tls=True,
+                        ca_certificates=pki["ca_crt"])
+    with pytest.raises(Transient):
+        echo(plain, "ECHOSCU")
+    with_certificate = plain.model_copy(update={"certificate": pki["client_crt"], "private_key": pki["client_key"]})
+    assert echo(with_certificate, "ECHOSCU") == 0x0000
+    [path] = write_series(ct_series(1, seed="tls-client"), tmp_path / "ct")
+    assert store(path, with_certificate, "ECHOSCU") == 0x0000
+    sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+    assert receiving.ledger.instance(sop) is not None
+    # The certificate must match the CA the listener trusts: another CA's client is refused.
+    other = make_pki(tmp_path / "other-pki")
+    stranger = plain.model_copy(update={"certificate": other["client_crt"], "private_key": other["client_key"]})
+    with pytest.raises(Transient):
+        echo(stranger, "ECHOSCU")

@@ -74,6 +74,7 @@ class AnalyzerSpec:
     description: str = ""
     applies_to: Callable[[SeriesSummary], bool] = field(default=_accept_all)
     unavailable: str = ""
+    gpu: bool = False  # its manifest asks for a GPU: a cluster's GPU queue carries its jobs
 
     def matches(self, series: SeriesSummary) -> bool:
         if self.modalities and series.modality.upper() not in self.modalities:
@@ -119,6 +120,10 @@ class Registry:
                 except Exception as exc:
                     raise AnalyzerUnavailable(name, f"failed to load: {exc}") from exc
             return self._loaded[name]
+
+    def wants_gpu(self, name: str) -> bool:
+        spec = self._specs.get(name)
+        return spec is not None and spec.gpu
 
     def default_for(self, series: SeriesSummary) -> list[str]:
         """The embedded default route: every available analyzer whose filter matches the series."""

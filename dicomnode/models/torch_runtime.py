@@ -238,6 +238,7 @@ class Manifest(_Strict):
     not_for_clinical_use: bool
     model_file: str = "model.pt"
     model_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    gpu: bool = Field(default=False, description="run on a cluster's GPU queue when one is configured")
     filter: FilterSpec
     input: InputSpec
     output: OutputSpec
@@ -878,6 +879,7 @@ def spec_for(folder: Path, device_preference: str = "auto") -> AnalyzerSpec:
         load=load,
         description=clinical + manifest.description,
         applies_to=_applies_to(manifest),
+        gpu=manifest.gpu,
     )
 
 

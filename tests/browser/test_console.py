@@ -70,7 +70,7 @@ def test_console_add_peer_echo_replay_and_screenshot(admin_node: AdminNodeFactor
                                                      tmp_path: Path) -> None:
     pacs_port = free_port()
     node = admin_node(destinations={"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}},
-                      jobs={"max_attempts": 1})
+                      jobs={"max_attempts": 1, "retry_for_h": 0})
     port = node.receiver.ports[0]
     files = write_series(ct_series(6, seed="browser"), tmp_path / "ct")
     assert store_successes(storescu(port, *files)) == 6

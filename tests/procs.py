@@ -1,0 +1,65 @@
+"""Process trees from /proc: who descends from a node, and whether any of them survived it."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+Proc = tuple[int, int]  # (pid, start time in clock ticks): a pid alone may be reused
+
+
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, state, start time) of a process, None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the command name may contain spaces
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def descendants(pid: int) -> set[Proc]:
+    """Every living process below ``pid`` (children, grandchildren...)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _stat(int(entry))
+            if stat is not None:
+                children.setdefault(stat[0], []).append(int(entry))
+    found: set[Proc] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            stat = _stat(child)
+            if stat is not None and stat[1] != "Z":
+                found.add((child, stat[2]))
+                todo.append(child)
+    return found
+
+
+def alive(procs: set[Proc]) -> set[Proc]:
+    """Those of ``procs`` still running (the same process: same pid and start time, not a zombie)."""
+    out = set()
+    for pid, started in procs:
+        stat = _stat(pid)
+        if stat is not None and stat[2] == started and stat[1] != "Z":
+            out.add((pid, started))
+    return out
+
+
+def wait_all_gone(procs: set[Proc], timeout: float = 15.0) -> set[Proc]:
+    """Wait until none of ``procs`` runs any more; returns the survivors (empty on success)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = alive(procs)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "?"
