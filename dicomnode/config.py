@@ -438,7 +438,8 @@ class ClusterSettings(_Settings):
 class AnalysisSettings(_Settings):
     shipped_models: bool = Field(default=True, description="register the models shipped with dicomnode")
     model_dirs: list[Path] = Field(
-        default_factory=list, description="extra model folders (manifest.toml + TorchScript file)"
+        default_factory=list,
+        description="extra model folders (manifest.toml + a torch.export .pt2 or a TorchScript file)",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     qc: QcSettings = Field(default_factory=QcSettings)
