@@ -1074,6 +1074,11 @@ def build_key_object(
             series_date=stamp.date(),
             series_time=stamp.time(),
         )
+        # highdicom names every reference "Source" (260753009, SCT); TID 2010 rows 8-10 give the
+        # IMAGE and COMPOSITE items no concept name, and template validators refuse one there.
+        for item in kos.ContentSequence:
+            if item.ValueType in ("IMAGE", "COMPOSITE") and "ConceptNameCodeSequence" in item:
+                del item.ConceptNameCodeSequence
         _pin(kos, created)
         buffer = io.BytesIO()
         kos.save_as(buffer, enforce_file_format=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import hl7
+import pixelmed
 import pydicom
 import pytest
 import tomlkit
@@ -134,6 +135,8 @@ def test_positive_head_ct_reaches_ris_webhook_and_pacs_then_a_late_image_retract
     assert results["sr"].sop_instance_uid in stored and results["seg"].sop_instance_uid in stored
     kos_bytes = orthanc.file(stored[kos_uid]["id"])
     assert dciodvfy(kos_bytes).clean, dciodvfy(kos_bytes)
+    template = pixelmed.validate(kos_bytes)  # TID 2010 against PixelMed's templates
+    assert template.errors == [] and template.warnings == [], template.text
     kos = pydicom.dcmread(BytesIO(kos_bytes))
     assert kos.Modality == "KO" and kos.StudyInstanceUID == study_uid
     stated = _stated_key_object_codes()
