@@ -280,6 +280,9 @@ def _watch_parent(parent_pid: int, interval_s: float = 0.5) -> None:
 
 
 def _worker_init(parent_pid: int, initializer: Callable[..., None] | None, args: tuple[Any, ...]) -> None:
+    # Ctrl-C in a terminal signals the whole process group: the node stops its workers itself
+    # (pool shutdown), rather than each worker dying mid-job with a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(parent_pid)
     if initializer is not None:
         initializer(*args)

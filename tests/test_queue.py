@@ -157,6 +157,37 @@ def test_kill_9_while_job_runs_reruns_it_once_after_restart(tmp_path: Path) -> N
         node.stop()
 
 
+def test_ctrl_c_during_an_analysis_stops_the_node_and_its_workers_quietly(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal sends SIGINT to the whole process group: each worker process used to
+    die mid-job with a KeyboardInterrupt traceback. The node alone decides when its workers stop."""
+    port = free_port()
+    config_path, data = write_config(tmp_path, node={"port": port}, jobs={"workers": 1, "worker_kind": "process"},
+                                     assembly={"quiet_period_s": 0.3})
+    proc = start_serving(config_path, port, new_session=True)
+    files = write_series(ct_series(60, 256, 256, seed="ctrl-c"), tmp_path / "series")
+    try:
+        assert store_successes(storescu(port, *files)) == 60
+        from dicomnode.ledger import Ledger
+
+        watcher = Ledger.sqlite(str(Path(data["node"]["data_dir"]) / "ledger.sqlite3"))
+        deadline = time.monotonic() + 60
+        while not watcher.list_jobs(kind=JobKind.ANALYZE, states=[JobState.RUNNING]):
+            assert time.monotonic() < deadline, "the analyze job never started"
+            time.sleep(0.01)
+        watcher.close()
+        family = descendants(proc.pid)
+        assert family, "the node runs its analysis in a worker process"
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert not wait_all_gone(family)
+
+
 def test_cli_lists_jobs_and_series_and_retries(make_node: NodeFactory, tmp_path: Path) -> None:
     running = make_node()
     files = write_series(ct_series(3, seed="cli"), tmp_path / "cli")

@@ -39,10 +39,12 @@ def write_config(tmp_path: Path, **sections: Any) -> tuple[Path, dict[str, Any]]
     return path, data
 
 
-def start_serving(config: Path, port: int) -> subprocess.Popen[bytes]:
+def start_serving(config: Path, port: int, *, new_session: bool = False) -> subprocess.Popen[bytes]:
+    """``dicomnode serve`` as a subprocess, once it answers C-ECHO. ``new_session``: in a process
+    group of its own, as in a terminal, so that a test can press Ctrl-C (SIGINT to the group)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=new_session,
     )
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(Verification)
