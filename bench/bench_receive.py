@@ -111,7 +111,8 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 3
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+            err = proc.stderr.read().decode(errors="replace")[-500:] if proc.stderr else ""
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}: {err}")
         with socket.socket() as s:
             if s.connect_ex((HOST, port)) == 0:
                 return
@@ -348,7 +349,16 @@ class TargetFactory:
     def __call__(self, workdir: Path) -> Target:
         cls = {"storescp": StorescpTarget, "orthanc": OrthancTarget, "bare": BareTarget,
                "node": NodeTarget}[self.kind]
-        return cls(workdir, name=self.name, **self.kwargs)  # type: ignore[no-any-return]
+        # A free port can be taken by another process between probing and binding (the machine is
+        # shared): try again on another port before giving up.
+        for attempt in range(3):
+            try:
+                return cls(workdir, name=self.name, **self.kwargs)  # type: ignore[no-any-return]
+            except RuntimeError as exc:
+                if attempt == 2:
+                    raise
+                print(f"  {self.name} did not start ({exc}); retrying", flush=True)
+        raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
