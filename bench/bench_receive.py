@@ -543,6 +543,12 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _paired(rates: dict[str, list[float]], reference: str) -> dict[str, float]:
+    if reference not in rates:
+        return {}
+    return {n: _median([a / b for a, b in zip(v, rates[reference], strict=True)]) for n, v in rates.items()}
+
+
 def _git_head(tree: Path) -> str:
     out = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty"], capture_output=True,
                          text=True, check=False)
@@ -625,6 +631,10 @@ def run(args: argparse.Namespace, workdir: Path, factories: list[TargetFactory])
             "median_instances_per_s": med,
             "ratio_to_storescp": {n: med[n] / med["storescp"] for n in names} if "storescp" in med else {},
             "ratio_to_orthanc": {n: med[n] / med["orthanc"] for n in names} if "orthanc" in med else {},
+            # Runs of one repetition are minutes apart at most: the median of per-repetition ratios
+            # is steadier than the ratio of medians when other jobs load the machine.
+            "paired_ratio_to_storescp": _paired(rates, "storescp"),
+            "paired_ratio_to_orthanc": _paired(rates, "orthanc"),
             "cpu_ms_per_instance": {n: _median(cpu[config][n]) * 1000 for n in names},
             "cpu_ms_per_instance_all": {n: [x * 1000 for x in cpu[config][n]] for n in names},
         }
@@ -652,13 +662,14 @@ def print_table(result: dict[str, Any]) -> None:
           f"median of {result['reps']} runs; nproc {result['nproc']}, "
           f"load {result['loadavg_before'][0]:.2f} -> {result['loadavg_after'][0]:.2f}")
     print()
-    print("| associations | target | inst/s | x storescp | x Orthanc | CPU ms/inst |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| associations | target | inst/s | x storescp | x Orthanc | x Orthanc, paired | CPU ms/inst |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for config, row in result["throughput"].items():
         for name, rate in row["median_instances_per_s"].items():
             to_scp = row["ratio_to_storescp"].get(name, float("nan"))
             to_orthanc = row["ratio_to_orthanc"].get(name, float("nan"))
-            print(f"| {config} | {name} | {rate:.1f} | {to_scp:.2f} | {to_orthanc:.2f} | "
+            paired = row["paired_ratio_to_orthanc"].get(name, float("nan"))
+            print(f"| {config} | {name} | {rate:.1f} | {to_scp:.2f} | {to_orthanc:.2f} | {paired:.2f} | "
                   f"{row['cpu_ms_per_instance'][name]:.2f} |")
     floor = result["durability_floor_ms"]
     if floor["n"]:
