@@ -253,8 +253,14 @@ class EdgeServer(ThreadedAssociationServer):
         admission: Admission,
         on_refused: RefusedCallback | None = None,
         reuse_port: bool = False,
+        listening_socket: socket.socket | None = None,
+        before_accept: Callable[[], None] | None = None,
     ) -> None:
         self.reuse_port = reuse_port  # several processes share the port; the kernel spreads connections
+        # Receiver processes (dicomnode.receivers) adopt the socket their node listens on, instead
+        # of binding one: see server_bind/server_activate.
+        self._inherited = listening_socket
+        self._before_accept = before_accept
         self.admission = admission  # may be shared by several listeners (plain and TLS)
         self.limits = admission.limits
         self._on_refused = on_refused
@@ -265,18 +271,34 @@ class EdgeServer(ThreadedAssociationServer):
     # --- the accept thread: cheap decisions only ---------------------------------------------------
 
     def server_bind(self) -> None:
-        """pynetdicom's bind (SO_REUSEADDR, listening timeout = network timeout), then a
+        """An inherited listening socket replaces the one socketserver just created (already bound
+        and listening, kept open by the node for its whole life, so that a receiver process that
+        dies never resets the connections queued on it). Otherwise: pynetdicom's bind (SO_REUSEADDR, listening timeout = network timeout), then a
         non-blocking listening socket: a connection reset between ``select`` and ``accept`` must
         not stall the accept loop for the network timeout. With ``reuse_port``, SO_REUSEPORT is set
         before the bind (pynetdicom's bind ignores socketserver's ``allow_reuse_port``)."""
+        if self._inherited is not None:
+            cast(socket.socket, self.socket).close()
+            self.socket = self._inherited
+            self.socket.setblocking(False)  # a sibling process may win the accept: EAGAIN, not a hang
+            self.server_address = self.socket.getsockname()
+            return
         if self.reuse_port:
             cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
         cast(socket.socket, self.socket).setblocking(False)
 
+    def server_activate(self) -> None:
+        if self._inherited is None:  # an inherited socket is listening already
+            super().server_activate()
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept only. pynetdicom wraps TLS here, in the accept thread, without a timeout; the
-        handshake moves to the connection's own thread (:meth:`open_transport`)."""
+        handshake moves to the connection's own thread (:meth:`open_transport`). ``before_accept``
+        may delay the accept (a busier receiver process lets an idle sibling take the connection);
+        when a sibling did, accept raises BlockingIOError, which socketserver ignores."""
+        if self._before_accept is not None:
+            self._before_accept()
         sock, address = cast(socket.socket, self.socket).accept()
         return sock, address
 
