@@ -455,13 +455,15 @@ class _WriterLock:
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
+            fd = self._fd
+            assert fd is not None
             self._depth += 1
             try:
                 yield
             finally:
                 self._depth -= 1
                 if self._depth == 0:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         with self._threads:

@@ -476,8 +476,8 @@ class Receiver:
         # row without its file, since the link precedes the commit; only a power loss in the instant
         # between the commit and the end of the folder flush could, for an instance not acknowledged
         # (start-up reconciliation reports such rows).
-        folder = self.spool.write_linked(relative, header, raw)
-        flushed = self._flusher.submit(self.spool.sync_folder, folder) if folder is not None else None
+        _, folder = self.spool.write_linked(relative, header, raw)
+        flushed = self._flusher.submit(self.spool.sync_folder, folder)
         item = StoredInstance(
             sop_instance_uid=sop_instance,
             sop_class_uid=sop_class,
@@ -495,11 +495,9 @@ class Receiver:
         try:
             outcome = self.ledger.record_instance(item)
         except Exception as exc:
-            if flushed is not None:
-                cf.wait([flushed])
+            cf.wait([flushed])
             raise OutOfResources(f"ledger unavailable: {type(exc).__name__}") from exc
-        if flushed is not None:
-            flushed.result()  # OutOfResources when the folder could not be flushed
+        flushed.result()  # OutOfResources when the folder could not be flushed
         if not outcome.new and outcome.path != item.path:
             # The same SOP Instance UID under another study or series lands at another path; the
             # ledger keeps the first copy, so the second file is removed rather than orphaned. It is

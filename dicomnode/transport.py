@@ -273,7 +273,8 @@ class EdgeServer(ThreadedAssociationServer):
     def server_bind(self) -> None:
         """An inherited listening socket replaces the one socketserver just created (already bound
         and listening, kept open by the node for its whole life, so that a receiver process that
-        dies never resets the connections queued on it). Otherwise: pynetdicom's bind (SO_REUSEADDR, listening timeout = network timeout), then a
+        dies never resets the connections queued on it). Otherwise: pynetdicom's bind
+        (SO_REUSEADDR, listening timeout = network timeout), then a
         non-blocking listening socket: a connection reset between ``select`` and ``accept`` must
         not stall the accept loop for the network timeout. With ``reuse_port``, SO_REUSEPORT is set
         before the bind (pynetdicom's bind ignores socketserver's ``allow_reuse_port``)."""

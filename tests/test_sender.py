@@ -15,9 +15,9 @@ import pydicom
 import pytest
 from conftest import NodeFactory, store_successes, storescu
 from orthanc import Orthanc
+from pki import make_pki
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from synthetic import ct_series, write_series
-from pki import make_pki
 from test_recovery import free_port, start_serving, write_config
 
 from dicomnode.config import Destination, parse_config
