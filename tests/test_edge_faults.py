@@ -332,7 +332,7 @@ def test_full_disk_refuses_with_a700_even_when_the_audit_line_cannot_be_written(
     left", the handler failed and the sender got 0xC211 (permanent) instead of 0xA700."""
     with _tmpfs(tmp_path / "tiny", "2m") as mount:
         node = make_node(node={"min_free_mb": 0, "data_dir": str(mount / "data")})
-        _fill(mount, mount / "data" / "audit.log")
+        _fill(mount, mount / "data" / "audit.jsonl")
         result = storescu(node.port, sorted(ct_folder.iterdir())[0])
         output = result.stdout + result.stderr
         assert "Refused: OutOfResources" in output, output
