@@ -153,12 +153,12 @@ class NodeSettings(_Settings):
         ge=0,
         description="refuse new instances (0xA700) while the spool's file system has less free",
     )
-    receivers: int = Field(
-        default_factory=default_receivers,
+    receivers: int | None = Field(
+        default=None,
         ge=1,
         le=16,
         description="receiver processes sharing the DICOM port(s), so that N associations use N "
-        "cores (default: the number of cores, at most 4). 1: the node process receives itself",
+        "cores; unset: the number of cores, at most 4. 1: the node process receives itself",
     )
     listen_backlog: int = Field(
         default=128,
@@ -167,6 +167,11 @@ class NodeSettings(_Settings):
         description="connections the kernel queues before they are accepted (a burst of scanners)",
     )
     tls: TlsSettings | None = None
+
+    @property
+    def receiver_processes(self) -> int:
+        """``receivers``, or its default for this machine."""
+        return self.receivers if self.receivers is not None else default_receivers()
 
 
 class Peer(_Settings):

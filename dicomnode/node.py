@@ -74,7 +74,7 @@ class Node:
         self.executor: Executor = self._executor()
         self.queue.on_enqueued = self.executor.wake
         self.receiver: Receiver | ReceiverPool
-        if receive and config.node.receivers > 1:
+        if receive and config.node.receiver_processes > 1:
             # Receiver processes on the node's listening socket (dicomnode.receivers).
             self.receiver = ReceiverPool(config, self.ledger, self.audit, self.node_id,
                                          on_sweep=self._schedule_sweep)

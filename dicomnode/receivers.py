@@ -189,7 +189,7 @@ class ReceiverPool:
     def __init__(self, config: Config, ledger: Ledger, audit: Audit, node_id: str,
                  on_sweep: Callable[[float], None]) -> None:
         self.config = config
-        self.count = config.node.receivers
+        self.count = config.node.receiver_processes
         self.ledger = ledger
         self.audit = audit
         self.node_id = node_id

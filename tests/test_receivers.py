@@ -78,7 +78,8 @@ def test_receivers_setting_is_validated() -> None:
     with pytest.raises(ConfigError, match="node.listen_backlog"):
         parse_config({**base, "node": {**base["node"], "listen_backlog": 0}})
     config = parse_config(base)
-    assert 1 <= config.node.receivers <= 4 and config.node.listen_backlog == 128
+    assert config.node.receivers is None and 1 <= config.node.receiver_processes <= 4
+    assert config.node.listen_backlog == 128
 
 
 def test_fifty_simultaneous_associations_all_succeed_and_are_indexed(make_node: NodeFactory) -> None:
