@@ -29,7 +29,7 @@ from dicomnode.domain import Volume  # noqa: E402
 from dicomnode.models import qc  # noqa: E402
 
 
-def _cases() -> list[tuple[str, Callable[[], Volume], qc._QcAnalyzer]]:
+def _cases() -> list[tuple[str, Callable[[], Volume], qc.QcAnalyzer]]:
     return [
         (
             "qc-ct 200x512x512",

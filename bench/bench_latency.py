@@ -33,6 +33,16 @@ poll), images sent by a separate process over loopback:
     The first series after node start pays the worker process's start (imports, model load); it
     is reported separately as ``cold``; the medians are over the following ``--runs`` series.
 
+``notify``
+    Time to notification for a positive head CT (the same painted series as ``e2e``, flagged by
+    ``demo-hyperdense``, NOT FOR CLINICAL USE): from the last C-STORE to the HL7 ACK (``AA``) of the
+    ORU^R01 at an MLLP listener, and to the 2xx of the signed webhook at a uvicorn receiver (both the
+    test peers of ``tests/``, each its own process on loopback). The node runs on the embedded
+    defaults plus the two channels (no rules: every channel is told). The figures come from the
+    ledger's own timestamps per event and channel (last image, series complete, result built, sent,
+    acknowledged); the goal is acknowledgement no more than 0.5 s after the result is built. p50 and
+    p95 over ``--runs`` series after a cold first one.
+
 Each run uses its own series (UIDs derive from the run's seed) so no ledger or PACS state is
 shared. The series are generated once and cached under ``--cache``.
 
@@ -44,6 +54,7 @@ Usage::
 
     nice -n 0 python bench/bench_latency.py queue [--runs 3]
     python bench/bench_latency.py e2e [--runs 3]
+    python bench/bench_latency.py notify [--runs 10]
     python bench/bench_latency.py all --json bench/results/latency.json
 """
 
@@ -89,22 +100,10 @@ DEFAULT_JSON = ROOT / "bench" / "results" / "latency.json"
 def lesion_series(slices: int, size: int, seed: str, images_in_acquisition: bool) -> list[Any]:
     """A head CT (tests/synthetic.py) 1 mm apart with a 70 HU ellipsoid (radius 12 mm in plane,
     8 mm along z) painted into the brain: a hyperdense blob the demo model reports, with a mask."""
-    from synthetic import ct_series
+    from synthetic import ct_series, paint_blob
 
-    datasets = ct_series(slices, size, size, seed=seed, slice_thickness=1.0,
-                         images_in_acquisition=images_in_acquisition)
-    spacing = 0.7  # ct_series' default pixel spacing
-    cz, cy, cx = slices // 2, size * 0.40, size * 0.60
-    y, x = np.mgrid[0:size, 0:size]
-    for i, ds in enumerate(datasets):
-        dz = (i - cz) / 8.0
-        if abs(dz) >= 1:
-            continue
-        inside = ((y - cy) * spacing / 12.0) ** 2 + ((x - cx) * spacing / 12.0) ** 2 + dz * dz <= 1.0
-        stored = np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(size, size).copy()
-        stored[inside] = 1024 + 70
-        ds.PixelData = stored.tobytes()
-    return datasets
+    return paint_blob(ct_series(slices, size, size, seed=seed, slice_thickness=1.0,
+                                images_in_acquisition=images_in_acquisition))
 
 
 def series_folder(cache: Path, slices: int, size: int, seed: str, expected: bool) -> Path:
@@ -503,6 +502,109 @@ def e2e_mode(args: argparse.Namespace, cache: Path, work: Path) -> dict[str, Any
     return out
 
 
+# --- notify mode -----------------------------------------------------------------------------------
+
+NOTIFY_SECRET = "bench-secret-of-at-least-16-chars"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation: with few runs p95 is the worst run, as it should)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return round(ordered[max(0, min(len(ordered) - 1, int(np.ceil(q / 100 * len(ordered))) - 1))], 3)
+
+
+def notify_run(node: Node, folder: Path) -> dict[str, Any]:
+    uid = series_uid_of(folder)
+    wait_idle(node)
+    send_storescu(node.receiver.ports[0], folder)
+
+    def acknowledged() -> Any:
+        found = node.ledger.list_events(series_uid=uid)
+        if not found:
+            return None
+        sent = node.ledger.notifications_of([found[0].id])
+        if len(sent) < 2 or any(n.acked_at is None for n in sent):
+            return None
+        return found[0], {n.channel: n for n in sent}
+
+    event, sent = wait_for(acknowledged, 600, 0.02, "both acknowledgements")
+    t_last, complete, built = event.last_image_at, event.series_complete_at, event.result_built_at
+    run: dict[str, Any] = {"event": event.type, "verdict": event.verdict,
+                           "instances": last_received(node, uid)[0]}
+    for channel, label in (("RIS", "hl7"), ("HOOK", "webhook")):
+        n = sent[channel]
+        run[f"last_store_to_{label}_ack_s"] = round(n.acked_at - t_last, 3)
+        run[f"result_built_to_{label}_ack_s"] = round(n.acked_at - built, 3)
+        run[f"{label}_breakdown_s"] = {
+            "assembly wait (last image -> series complete)": round(complete - t_last, 3),
+            "analysis (series complete -> result built)": round(built - complete, 3),
+            "result built -> message sent": round(n.sent_at - built, 3),
+            "message sent -> acknowledged": round(n.acked_at - n.sent_at, 3),
+        }
+    return run
+
+
+def notify_mode(args: argparse.Namespace, cache: Path, work: Path) -> dict[str, Any]:
+    from mllp_listener import MllpListener
+    from webhook_receiver import WebhookReceiver
+
+    listener = MllpListener(work / "mllp")
+    receiver = WebhookReceiver(work / "webhook", NOTIFY_SECRET)
+    config = node_config(work / "notify-node", notify={"RIS": listener.channel(timeout_s=10.0),
+                                                       "HOOK": receiver.channel(timeout_s=10.0)})
+    node = Node(config)
+    node.start()
+    out: dict[str, Any] = {
+        "config": {"assembly": config.assembly.model_dump(), "jobs": config.jobs.model_dump(),
+                   "rules": "none (embedded default route)", "channels": ["RIS (hl7, MLLP)", "HOOK (webhook)"]},
+        "goal_s_after_result_built": 0.5,
+    }
+    try:
+        folders = [series_folder(cache, args.slices, args.size, f"notify-{i}", expected=False)
+                   for i in range(args.runs + 1)]
+        cold = notify_run(node, folders[0])
+        print(f"notify cold (first series after start): {cold}", flush=True)
+        runs = []
+        for i, folder in enumerate(folders[1:]):
+            run = notify_run(node, folder)
+            runs.append(run)
+            print(f"notify run {i + 1}: {run}", flush=True)
+        wait_idle(node)
+    finally:
+        node.stop()
+        listener.stop()
+        receiver.stop()
+    out.update({"cold": cold, "runs": runs})
+    for label in ("hl7", "webhook"):
+        for key in (f"last_store_to_{label}_ack_s", f"result_built_to_{label}_ack_s"):
+            values = [r[key] for r in runs]
+            out[key] = {"p50": percentile(values, 50), "p95": percentile(values, 95)}
+        keys = list(runs[0][f"{label}_breakdown_s"])
+        out[f"{label}_median_breakdown_s"] = {k: median([r[f"{label}_breakdown_s"][k] for r in runs]) for k in keys}
+    out["goal_met"] = all(out[f"result_built_to_{label}_ack_s"]["p95"] <= 0.5 for label in ("hl7", "webhook"))
+    return out
+
+
+def print_notify(result: dict[str, Any]) -> None:
+    print(f"\nnotify: {len(result['runs'])} runs; goal: acknowledged <= 0.5 s after the result is built "
+          f"({'met' if result['goal_met'] else 'NOT met'} at p95)")
+    print("| | HL7 ORU^R01 -> ACK AA | webhook -> 2xx |")
+    print("|---|---:|---:|")
+    for what, key in (("last C-STORE -> acknowledged, p50", "last_store_to_{}_ack_s/p50"),
+                      ("last C-STORE -> acknowledged, p95", "last_store_to_{}_ack_s/p95"),
+                      ("result built -> acknowledged, p50", "result_built_to_{}_ack_s/p50"),
+                      ("result built -> acknowledged, p95", "result_built_to_{}_ack_s/p95")):
+        name, q = key.split("/")
+        print(f"| {what} | {result[name.format('hl7')][q]:.3f} s | {result[name.format('webhook')][q]:.3f} s |")
+    for stage in result["hl7_median_breakdown_s"]:
+        print(f"| {stage} (median) | {result['hl7_median_breakdown_s'][stage]:.3f} s | "
+              f"{result['webhook_median_breakdown_s'][stage]:.3f} s |")
+    print(f"cold first series: HL7 {result['cold']['last_store_to_hl7_ack_s']:.2f} s, "
+          f"webhook {result['cold']['last_store_to_webhook_ack_s']:.2f} s after the last C-STORE")
+
+
 # --- report ----------------------------------------------------------------------------------------
 
 
@@ -542,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_hold":
         return _hold_main(int(argv[1]), Path(argv[2]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["queue", "e2e", "all"])
+    parser.add_argument("mode", choices=["queue", "e2e", "notify", "all"])
     parser.add_argument("--runs", type=int, default=3, help="measured runs per case (median)")
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--size", type=int, default=512)
@@ -565,17 +667,19 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"] = machine()
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
         work = Path(tmp)
-        for mode in (["queue", "e2e"] if args.mode == "all" else [args.mode]):
+        modes = {"queue": (queue_mode, print_queue), "e2e": (e2e_mode, print_e2e),
+                 "notify": (notify_mode, print_notify)}
+        for mode in (list(modes) if args.mode == "all" else [args.mode]):
             load_before = os.getloadavg()
             started = time.time()
-            result = queue_mode(args, args.cache, work) if mode == "queue" else e2e_mode(args, args.cache, work)
+            result = modes[mode][0](args, args.cache, work)
             result.update({"label": args.label, "started": time.strftime("%Y-%m-%dT%H:%M:%S",
                                                                          time.localtime(started)),
                            "loadavg_before": [round(v, 2) for v in load_before],
                            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
                            "slices": args.slices, "size": args.size})
             report[mode] = result
-            (print_queue if mode == "queue" else print_e2e)(result)
+            modes[mode][1](result)
             print(f"loadavg before {result['loadavg_before']} after {result['loadavg_after']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")

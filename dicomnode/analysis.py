@@ -26,11 +26,21 @@ from pydicom.dataset import Dataset
 from dicomnode.assembly import close_epoch_if_done
 from dicomnode.audit import Audit
 from dicomnode.config import AnalysisSettings
-from dicomnode.domain import AnalyzerKind, Findings, FindingsStatus, JobKind, ResultObject, Volume
+from dicomnode.domain import (
+    AnalyzerKind,
+    Finding,
+    Findings,
+    FindingsStatus,
+    JobKind,
+    JobState,
+    ResultObject,
+    Volume,
+)
 from dicomnode.errors import AnalyzerUnavailable, Permanent, Transient
 from dicomnode.jobs import JobQueue
 from dicomnode.ledger import JobRow, Ledger
 from dicomnode.models import Registry, build_registry
+from dicomnode.notify import Event, Notifier, reports_from_outcome
 from dicomnode.spool import Spool
 
 LOG = logging.getLogger(__name__)
@@ -60,6 +70,7 @@ class AnalyzerOutcome:
     duration_s: float
     findings: list[dict[str, Any]] = field(default_factory=list)
     build_s: float = 0.0  # encoding the findings as SR (and SEG)
+    not_for_clinical_use: bool = True
 
 
 @dataclass(frozen=True)
@@ -398,8 +409,8 @@ def run_analysis(task: AnalysisTask) -> AnalysisOutcome:
             analyzer=name, version=findings.version, kind=str(findings.kind), status=str(findings.status),
             priority=findings.priority.name.lower() if findings.priority is not None else None,
             error=findings.error, duration_s=round(duration, 3), build_s=round(time.perf_counter() - t1, 3),
-            findings=[{"type": f.finding_type.meaning, "present": f.present,
-                       "probability": f.probability} for f in findings.findings],
+            findings=[_finding_summary(f, volume) for f in findings.findings],
+            not_for_clinical_use=findings.not_for_clinical_use,
         ))
 
     if parallel > 1:
@@ -434,18 +445,33 @@ def _load(paths: tuple[str, ...]) -> tuple[Volume | None, str]:
         return None, f"cannot load series: {exc}"
 
 
+def _finding_summary(finding: Finding, volume: Volume | None) -> dict[str, Any]:
+    """What the ledger keeps of a finding: its code and verdict, and the source slices its mask
+    touches (SOP Instance UIDs, for a Key Object that flags them)."""
+    slices: list[str] = []
+    if finding.mask is not None and volume is not None and len(volume.headers) == finding.mask.array.shape[0]:
+        import numpy as np
+
+        touched = np.flatnonzero(finding.mask.array.reshape(finding.mask.array.shape[0], -1).any(axis=1))
+        slices = [str(volume.headers[int(k)].SOPInstanceUID) for k in touched]
+    code = finding.finding_type
+    return {"type": code.meaning, "code": [code.value, code.scheme, code.meaning], "present": finding.present,
+            "probability": finding.probability, "slices": slices}
+
+
 class AnalyzeHandler:
     kind = JobKind.ANALYZE
     in_process = False
 
     def __init__(self, ledger: Ledger, spool: Spool, queue: JobQueue, settings: AnalysisSettings,
-                 audit: Audit, *, uid_root: str | None = None) -> None:
+                 audit: Audit, *, uid_root: str | None = None, notifier: Notifier | None = None) -> None:
         self.ledger = ledger
         self.spool = spool
         self.queue = queue
         self.settings = settings
         self.audit = audit
         self.uid_root = uid_root  # [results] uid_root
+        self.notifier = notifier
 
     def prepare(self, job: JobRow) -> AnalysisTask:
         rows = self.ledger.instance_rows(job.series_instance_uid, max_epoch=job.epoch)
@@ -481,6 +507,9 @@ class AnalyzeHandler:
     run = staticmethod(run_analysis)
 
     def finish(self, job: JobRow, outcome: AnalysisOutcome) -> None:
+        # The results exist from here; the ledger's clock, like every time of the event, so that
+        # times recorded by different hosts of a cluster can be subtracted.
+        built_at = self.ledger.now()
         destinations: list[str] = list(job.payload.get("destinations", []))
         written: list[tuple[ResultObject, str]] = []
         for obj in outcome.results:
@@ -489,6 +518,8 @@ class AnalyzeHandler:
             self.spool.write(relative, obj.data)  # False on a re-run: same UID, first copy kept
             written.append((obj, relative))
         summaries = {o.analyzer: o for o in outcome.analyzers}
+        recorded: list[dict[str, Any]] = []
+        events: list[Event] = []
         with self.ledger.transaction() as conn:
             for obj, relative in written:
                 o = summaries.get(obj.analyzer)
@@ -501,12 +532,19 @@ class AnalyzeHandler:
                     summary=_json({"status": o.status, "priority": o.priority, "error": o.error,
                                    "findings": o.findings} if o else {}),
                 )
+                recorded.append({"analyzer": obj.analyzer, "kind": obj.kind, "sop_class_uid": obj.sop_class_uid,
+                                 "sop_instance_uid": obj.sop_instance_uid,
+                                 "series_instance_uid": obj.series_instance_uid})
                 for destination in destinations:
                     self.queue.enqueue(
                         conn, JobKind.DELIVER, series_uid=job.series_instance_uid, epoch=job.epoch,
                         payload={"result_id": result_id, "destination": destination},
                         priority=job.priority, dedup_key=f"deliver:{obj.sop_instance_uid}:{destination}",
                     )
+            if self.notifier is not None:
+                # Same transaction as the results: an event exists exactly when its results do.
+                events = self.notifier.record_analysis(conn, job, reports_from_outcome(outcome.analyzers),
+                                                       recorded, built_at)
             if not self.queue.complete(conn, job, {
                 "analyzers": [o.__dict__ for o in outcome.analyzers],
                 "volume_problems": list(outcome.volume_problems),
@@ -520,10 +558,18 @@ class AnalyzeHandler:
             self.audit.log("analysis.done", job=job.id, series_instance_uid=job.series_instance_uid,
                            epoch=job.epoch, analyzer=o.analyzer, status=o.status, priority=o.priority,
                            seconds=o.duration_s)
+        if self.notifier is not None:
+            self.notifier.announce(events)
         close_epoch_if_done(self.ledger, job.series_instance_uid, job.epoch)
         self.queue.on_enqueued()
 
     def on_failed(self, job: JobRow) -> None:
+        current = self.ledger.job(job.id)
+        if self.notifier is not None and current is not None and current.state == JobState.DEAD:
+            # No findings at all: silence must not read as "negative".
+            with self.ledger.transaction() as conn:
+                events = self.notifier.record_dead_analysis(conn, current)
+            self.notifier.announce(events)
         close_epoch_if_done(self.ledger, job.series_instance_uid, job.epoch)
 
 

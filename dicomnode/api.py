@@ -27,6 +27,7 @@ from dicomnode import config_edit
 from dicomnode.config import NO_CONFIG_FILE_HINT, Config, Peer, load_config
 from dicomnode.domain import MAX_ID, JobKind, JobState
 from dicomnode.errors import ConfigError, DicomNodeError
+from dicomnode.notify import event_views
 
 if TYPE_CHECKING:
     from dicomnode.audit import Audit
@@ -102,6 +103,7 @@ def _job_dict(job: JobRow) -> dict[str, Any]:
         "attempts": job.attempts, "max_attempts": job.max_attempts, "created_at": job.created_at,
         "started_at": job.started_at, "finished_at": job.finished_at, "seconds": seconds,
         "destination": job.payload.get("destination"), "last_error": job.last_error,
+        "channel": job.payload.get("channel"), "event_id": job.payload.get("event_id"),
     }
 
 
@@ -146,7 +148,7 @@ def overview(node: NodeView) -> dict[str, Any]:
         "instances": node.ledger.count_instances(),
         "jobs": counts,
         "queue_depth": sum(counts[k][s] for k in counts for s in open_states),
-        "dead_letters": counts[JobKind.DELIVER]["dead"],
+        "dead_letters": counts[JobKind.DELIVER]["dead"] + counts[JobKind.NOTIFY]["dead"],
         "failed_analyses": counts[JobKind.ANALYZE]["dead"],
         "retrying": sum(counts[k][JobState.FAILED] for k in counts),
         "time_to_result": _time_to_result(node),
@@ -154,8 +156,8 @@ def overview(node: NodeView) -> dict[str, Any]:
 
 
 def recent_series(node: NodeView, limit: int) -> list[dict[str, Any]]:
-    """Recent series with their verdicts (results ``summary``: status, priority, findings), jobs
-    and time to result."""
+    """Recent series with their verdicts (results ``summary``: status, priority, findings), jobs,
+    time to result, and the notify events of the current epoch with their time to notification."""
     out: list[dict[str, Any]] = []
     for row in node.ledger.recent_series(limit):
         jobs = node.ledger.list_jobs(series_uid=row.series_instance_uid, limit=50)
@@ -168,6 +170,9 @@ def recent_series(node: NodeView, limit: int) -> list[dict[str, Any]]:
                             "sop_instance_uid": r.sop_instance_uid})
         delivered = [j.finished_at for j in jobs if j.kind == JobKind.DELIVER and j.epoch == row.epoch
                      and j.state == JobState.SUCCEEDED and j.finished_at]
+        events = [e for e in event_views(node.ledger, 20, row.series_instance_uid) if e["epoch"] == row.epoch]
+        told = [n["time_to_notification_s"] for e in events for n in e["notifications"]
+                if n["time_to_notification_s"] is not None]
         out.append({
             "series_instance_uid": row.series_instance_uid, "study_instance_uid": row.study_instance_uid,
             "modality": row.modality, "series_description": row.series_description,
@@ -175,18 +180,27 @@ def recent_series(node: NodeView, limit: int) -> list[dict[str, Any]]:
             "instances": row.instance_count, "first_received_at": row.first_received_at,
             "last_received_at": row.last_received_at, "rule": row.rule, "note": row.note,
             "time_to_result_s": round(min(delivered) - row.last_received_at, 3) if delivered else None,
+            "time_to_notification_s": min(told) if told else None, "events": events,
             "results": results, "jobs": [_job_dict(j) for j in jobs],
         })
     return out
 
 
 def dead_letters(node: NodeView, limit: int = 100) -> list[dict[str, Any]]:
+    """Dead deliveries and dead notifications, newest first."""
     out = []
-    for job in node.ledger.list_jobs(kind=JobKind.DELIVER, states=[JobState.DEAD], limit=limit):
-        result = node.ledger.result(int(job.payload.get("result_id", 0)))
+    jobs = [*node.ledger.list_jobs(kind=JobKind.DELIVER, states=[JobState.DEAD], limit=limit),
+            *node.ledger.list_jobs(kind=JobKind.NOTIFY, states=[JobState.DEAD], limit=limit)]
+    for job in sorted(jobs, key=lambda j: j.id, reverse=True)[:limit]:
         item = _job_dict(job)
-        item["result"] = ({"analyzer": result.analyzer, "kind": result.kind,
-                           "sop_instance_uid": result.sop_instance_uid} if result is not None else None)
+        if job.kind == JobKind.NOTIFY:
+            event = node.ledger.event(str(job.payload.get("event_id", "")))
+            item["event"] = ({"id": event.id, "type": event.type, "analyzer": event.analyzer}
+                             if event is not None else None)
+        else:
+            result = node.ledger.result(int(job.payload.get("result_id", 0)))
+            item["result"] = ({"analyzer": result.analyzer, "kind": result.kind,
+                               "sop_instance_uid": result.sop_instance_uid} if result is not None else None)
         out.append(item)
     return out
 
@@ -271,8 +285,15 @@ def api_router(node: NodeView) -> APIRouter:
 
     @api.get("/dead-letters", tags=["jobs"])
     def get_dead_letters(limit: int = Query(100, ge=1, le=1000)) -> list[dict[str, Any]]:
-        """Deliveries that gave up (permanent refusal or attempts exhausted)."""
+        """Deliveries and notifications that gave up (permanent refusal or attempts exhausted)."""
         return dead_letters(node, limit)
+
+    @api.get("/events", tags=["notify"])
+    def get_events(limit: int = Query(50, ge=1, le=1000),
+                   series: str | None = Query(None, max_length=64)) -> list[dict[str, Any]]:
+        """Notify events (finding.critical, ...) with their notifications per channel and the time
+        from the last image to each acknowledgement."""
+        return event_views(node.ledger, limit, series)
 
     @api.post("/jobs/{job_id}/retry", tags=["jobs"])
     def retry(job_id: JobId) -> dict[str, Any]:

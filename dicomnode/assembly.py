@@ -110,6 +110,8 @@ class Assembly:
             "rule": plan.rule,
             "modality": summary.modality,
             "calling_ae": summary.calling_ae,
+            "notify": list(plan.notify),
+            "notify_at": plan.notify_at,
         }
         with self.ledger.transaction() as conn:
             moved = conn.execute(

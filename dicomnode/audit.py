@@ -24,6 +24,8 @@ from typing import Any
 
 LOG = logging.getLogger(__name__)
 
+AUDIT_FILE = "audit.jsonl"  # in the data folder of every process that audits (node, worker)
+
 Subscriber = Callable[[dict[str, Any]], None]
 
 _REPORT_EVERY = 60.0  # seconds between log lines about dropped audit lines

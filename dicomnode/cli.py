@@ -233,6 +233,57 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_notify(args: argparse.Namespace) -> int:
+    """Events and their notifications per channel, with the time from the last image to each
+    acknowledgement; ``retry ID`` requeues a dead notification; ``test NAME`` sends a test event."""
+    if args.action == "test":
+        return _notify_test(args)
+    ledger = _ledger(args)
+    if args.action == "retry":
+        try:
+            job_id = _job_id(args.target) if args.target else None
+        except argparse.ArgumentTypeError as exc:
+            print(f"dicomnode notify retry: {exc}", file=sys.stderr)
+            return 2
+        return _retry(ledger, job_id, "notify", "notification")
+    from dicomnode.notify import event_views
+
+    print(f"{'EVENT':20} {'TYPE':17} {'WHEN':19} {'EPOCH':>5} {'VERDICT':17} {'ANALYZER':18} SERIES")
+    for e in event_views(ledger, args.limit):
+        change = f" (was {e['previous_verdict']})" if e["verdict_changed"] else ""
+        print(f"{e['id']:20} {e['type']:17} {_when(e['created_at']):19} {e['epoch']:>5} "
+              f"{(e['verdict'] + change):17} {e['analyzer']:18} {e['series_instance_uid']}")
+        for n in e["notifications"]:
+            took = n["time_to_notification_s"]
+            when = f"{took:.2f} s after last image" if took is not None else "-"
+            detail = n["response"] if n["acked_at"] is not None else n["last_error"]
+            print(f"{'':20}   job {n['job_id'] or '-':>5} {n['channel']:12} {n['kind']:7} {n['state'] or '-':9} "
+                  f"tries {n['attempts'] or 0}  {when}  {detail}")
+    return 0
+
+
+def _notify_test(args: argparse.Namespace) -> int:
+    from dicomnode.errors import Permanent, Transient
+    from dicomnode.notify import send_test
+
+    config = _load(args.config)
+    if not args.target or args.target not in config.notify:
+        known = ", ".join(sorted(config.notify)) or "none"
+        print(f"usage: dicomnode notify test NAME (channels: {known})", file=sys.stderr)
+        return 2
+    try:
+        event, outcome = send_test(args.target, config)
+    except (Transient, Permanent) as exc:
+        print(f"{args.target}: test event NOT delivered: {exc}")
+        return 1
+    if isinstance(outcome, str):
+        print(f"{args.target}: {outcome}")
+    else:
+        print(f"{args.target}: test event {event.id} delivered in {outcome.acked_at - outcome.sent_at:.3f} s "
+              f"({outcome.response})")
+    return 0
+
+
 def cmd_rules_test(args: argparse.Namespace) -> int:
     """Dry-run the rules on DICOM files: which rule matches each series and why."""
     from dicomnode.domain import SeriesSummary
@@ -484,6 +535,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"queue depth: {open_jobs}")
         hint = "  (dicomnode results list; dicomnode results retry ID)" if dead else ""
         print(f"dead letters: {dead}{hint}")
+        dead_notify = counts.get((JobKind.NOTIFY.value, JobState.DEAD.value), 0)
+        if dead_notify:
+            print(f"dead notifications: {dead_notify}  (dicomnode notify; dicomnode notify retry ID)")
     finally:
         ledger.close()
     return exit_code
@@ -625,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
     p.add_argument("id", nargs="?", type=_job_id)
     p.add_argument("--state", action="append", choices=["queued", "running", "succeeded", "failed", "dead"])
-    p.add_argument("--kind", choices=["analyze", "deliver"])
+    p.add_argument("--kind", choices=["analyze", "deliver", "notify"])
     p.add_argument("--limit", type=_limit, default=50)
     p.add_argument("--config")
     p.set_defaults(func=cmd_jobs)
@@ -641,6 +695,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_limit, default=50)
     p.add_argument("--config")
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("notify", help="events and their notifications; notify retry ID; notify test NAME")
+    p.add_argument("action", nargs="?", choices=["list", "retry", "test"], default="list")
+    p.add_argument("target", nargs="?", help="retry: the notification's job id; test: the channel name")
+    p.add_argument("--limit", type=_limit, default=30)
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_notify)
 
     p = sub.add_parser("rules", help="rules tools")
     rules = p.add_subparsers(dest="rules_command", required=True)

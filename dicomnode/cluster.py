@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from dicomnode.audit import Audit
+from dicomnode.audit import AUDIT_FILE, Audit
 from dicomnode.config import Config
 from dicomnode.domain import JobKind
-from dicomnode.jobs import JobHandler, JobQueue, run_attempt
+from dicomnode.jobs import JobQueue, run_attempt
 from dicomnode.ledger import DEFAULT_DEAD_AFTER_S, Ledger
 
 if TYPE_CHECKING:
@@ -261,8 +261,8 @@ class WorkerRuntime:
     """What a worker process holds between jobs: ledger, spool, handlers (and their loaded models)."""
 
     def __init__(self, config: Config, queues: list[str]) -> None:
-        from dicomnode.analysis import AnalyzeHandler
-        from dicomnode.sender import DeliverHandler
+        from dicomnode.handlers import job_handlers, make_notifier
+        from dicomnode.models import build_registry
         from dicomnode.spool import Spool
 
         cluster = config.cluster
@@ -275,14 +275,11 @@ class WorkerRuntime:
         self.spool = Spool(cluster.spool_root, config.node.min_free_mb * 2**20, node_id=self.node_id)
         data_dir = config.node.data_dir.resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.audit = Audit(data_dir / "audit.log", enabled=config.audit.enabled)
+        self.audit = Audit(data_dir / AUDIT_FILE, enabled=config.audit.enabled)
         self.queue = JobQueue(self.ledger, config.jobs, self.audit, queues=cluster.queues)
-        handlers: list[JobHandler] = [
-            AnalyzeHandler(self.ledger, self.spool, self.queue, config.analysis, self.audit,
-                           uid_root=config.results.uid_root),
-            DeliverHandler(self.ledger, self.spool, self.queue, config.destinations, config.node.ae_title,
-                           self.audit),
-        ]
+        # Events of analyses run here are raised here, in the results' transaction, as in a node.
+        self.notifier = make_notifier(config, self.ledger, self.queue, build_registry(config.analysis))
+        handlers = job_handlers(config, self.ledger, self.spool, self.queue, self.audit, self.notifier)
         self.handlers = {h.kind: h for h in handlers}
         self.dispatcher = ClusterDispatcher(self.ledger, self.queue, config.jobs.poll_interval_s)
         self.queue.on_enqueued = self.dispatcher.wake

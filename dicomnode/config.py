@@ -280,6 +280,7 @@ class Match(_Settings):
 
 
 LatePolicy = Literal["reprocess", "ignore"]
+NotifyAt = Literal["urgent", "routine"]
 
 
 class Then(_Settings):
@@ -292,6 +293,12 @@ class Then(_Settings):
     quiet_period_s: float | None = Field(default=None, gt=0)
     late_policy: LatePolicy | None = None
     late_window_min: float | None = Field(default=None, ge=0)
+    notify: list[str] | None = Field(
+        default=None, description="notify channels ([notify.NAME]) told about this series' events; "
+        "left out: every channel; an empty list: none")
+    notify_at: NotifyAt = Field(
+        default="urgent", description="a triage result is critical when its priority reaches this: "
+        "'urgent' (the analyzer says STAT) or 'routine' (any finding present)")
 
 
 class Rule(_Settings):
@@ -379,10 +386,15 @@ class QueueNames(_Settings):
         "stay on the analyze queue",
     )
     deliver: QueueName = "deliver"
+    notify: QueueName = Field(
+        default="notify",
+        description="notifications ([notify.NAME] channels); a queue of their own so that a backlog "
+        "of deliveries never holds back an urgent finding",
+    )
 
     @model_validator(mode="after")
     def _required(self) -> QueueNames:
-        for name in ("analyze", "deliver"):
+        for name in ("analyze", "deliver", "notify"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: must not be empty")
         return self
@@ -450,7 +462,8 @@ class ClusterSettings(_Settings):
 class AnalysisSettings(_Settings):
     shipped_models: bool = Field(default=True, description="register the models shipped with dicomnode")
     model_dirs: list[Path] = Field(
-        default_factory=list, description="extra model folders (manifest.toml + TorchScript file)"
+        default_factory=list,
+        description="extra model folders (manifest.toml + a torch.export .pt2 or a TorchScript file)",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     qc: QcSettings = Field(default_factory=QcSettings)
@@ -505,6 +518,117 @@ class AuditSettings(_Settings):
     include_patient_names: bool = False
 
 
+# --- notify channels ([notify.NAME]) ---------------------------------------------------------------
+
+EventType = Literal["finding.critical", "finding.updated", "finding.retracted", "analysis.failed"]
+EVENT_TYPES: tuple[EventType, ...] = ("finding.critical", "finding.updated", "finding.retracted",
+                                      "analysis.failed")
+KOS_EVENT_TYPES: tuple[EventType, ...] = ("finding.critical", "finding.updated")
+
+
+def _events(value: list[EventType]) -> list[EventType]:
+    if not value:
+        raise ValueError("must name at least one event type (leave the key out for all of them)")
+    return value
+
+
+class _Channel(_Settings):
+    events: Annotated[list[EventType], AfterValidator(_events)] = Field(
+        default_factory=lambda: list(EVENT_TYPES), description="event types this channel receives")
+    timeout_s: float = Field(default=10.0, gt=0, le=300,
+                             description="connect, send and wait for the answer, each at most this long")
+
+
+class Hl7Channel(_Channel):
+    """HL7 v2.5.1 ORU^R01 (and optionally OMI^O23) over MLLP to a RIS or interface engine."""
+
+    kind: Literal["hl7"]
+    host: Host
+    port: Port
+    tls: bool = False
+    ca_certificates: Path | None = Field(default=None, description="CA bundle to verify the server (TLS)")
+    certificate: Path | None = Field(default=None, description="client certificate (mutual TLS)")
+    private_key: Path | None = None
+    sending_application: str = Field(default="", max_length=227, description="MSH-3; default: the node's AE title")
+    sending_facility: str = Field(default="", max_length=227)
+    receiving_application: str = Field(default="", max_length=227)
+    receiving_facility: str = Field(default="", max_length=227)
+    request_priority: bool = Field(
+        default=False, description="also send OMI^O23 (ORC-1 XO, TQ1-9 S) asking the RIS to raise the "
+        "order's priority, for finding.critical")
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Hl7Channel:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        if not self.tls and (self.certificate or self.ca_certificates):
+            raise ValueError("certificate files are given but tls is false")
+        return self
+
+
+def _loopback_host(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class WebhookChannel(_Channel):
+    """CloudEvents JSON POST, signed with HMAC-SHA256 of the timestamp and the body."""
+
+    kind: Literal["webhook"]
+    url: str = Field(description="http:// or https:// URL the events are POSTed to")
+    secret: str = Field(min_length=16, description="shared secret of the HMAC-SHA256 signature")
+    include_phi: bool = Field(default=False, description="add patient name, ID, birth date and sex")
+    ca_certificates: Path | None = Field(default=None, description="CA bundle to verify an https server")
+    source: str = Field(default="", description="CloudEvents source; default: dicomnode://<node AE title>")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a valid URL: {exc}") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        if not parts.hostname:
+            raise ValueError(f"{value!r} has no host")
+        _host(parts.hostname)
+        if port == 0:
+            raise ValueError(f"{value!r} has port 0")
+        if parts.fragment or parts.username or parts.password:
+            raise ValueError(f"{value!r}: no fragment or credentials in the URL (the signature authenticates)")
+        return value
+
+    @model_validator(mode="after")
+    def _phi_needs_tls(self) -> WebhookChannel:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        if self.include_phi and parts.scheme != "https" and not _loopback_host(parts.hostname or ""):
+            raise ValueError("include_phi needs an https:// URL (patient data would cross the network in clear)")
+        return self
+
+
+class KosChannel(_Channel):
+    """A DICOM Key Object Selection ("Of Interest") sent to one of ``[destinations]``."""
+
+    kind: Literal["kos"]
+    destination: str
+    events: Annotated[list[EventType], AfterValidator(_events)] = Field(
+        default_factory=lambda: list(KOS_EVENT_TYPES),
+        description="a Key Object flags images: only events with a critical verdict produce one")
+
+
+NotifyChannel = Annotated[Hl7Channel | WebhookChannel | KosChannel, Field(discriminator="kind")]
+_CHANNEL_KINDS = ("hl7", "kos", "webhook")
+_CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+
 class Config(_Settings):
     node: NodeSettings = Field(default_factory=NodeSettings)
     peers: list[Peer] = Field(default_factory=list)
@@ -517,6 +641,7 @@ class Config(_Settings):
     admin: AdminSettings = Field(default_factory=AdminSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     cluster: ClusterSettings | None = None
+    notify: dict[str, NotifyChannel] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -575,9 +700,33 @@ def reference_problems(config: Config, analyzer_names: list[str] | None = None) 
                         f"rules[{i}].then.analyzers[{j}]: unknown analyzer {name!r} "
                         f"(known: {', '.join(sorted(analyzer_names)) or 'none'})"
                     )
+    problems.extend(_notify_problems(config))
     tls = config.node.tls
     if tls is not None and tls.port == config.node.port:
         problems.append("node.tls.port: must differ from node.port")
+    return problems
+
+
+def _notify_problems(config: Config) -> list[str]:
+    """Channel names, a KOS channel's destination and the channels rules name must exist."""
+    problems: list[str] = []
+    known_dest = ", ".join(sorted(config.destinations)) or "none"
+    for name, channel in config.notify.items():
+        if not _CHANNEL_NAME.fullmatch(name):
+            problems.append(f"notify.{name}: a channel name is 1-32 letters, digits, '_', '-' or '.'")
+        if isinstance(channel, KosChannel) and channel.destination not in config.destinations:
+            problems.append(f"notify.{name}.destination: unknown destination {channel.destination!r} "
+                            f"(known: {known_dest})")
+        if isinstance(channel, KosChannel):
+            for j, event in enumerate(channel.events):
+                if event not in KOS_EVENT_TYPES:
+                    problems.append(f"notify.{name}.events[{j}]: a Key Object flags images of a critical "
+                                    f"finding; {event!r} has none")
+    known = ", ".join(sorted(config.notify)) or "none"
+    for i, rule in enumerate(config.rules):
+        for j, name in enumerate(rule.then.notify or []):
+            if name not in config.notify:
+                problems.append(f"rules[{i}].then.notify[{j}]: unknown notify channel {name!r} (known: {known})")
     return problems
 
 
@@ -590,7 +739,9 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
 
 def _location(loc: tuple[int | str, ...]) -> str:
     text = ""
-    for part in loc:
+    for depth, part in enumerate(loc):
+        if depth == 2 and loc[0] == "notify" and part in _CHANNEL_KINDS:
+            continue  # the tag pydantic adds for the discriminated union: not a key in the file
         if isinstance(part, int):
             text += f"[{part}]"
         elif str(part).startswith("function-") or part in ("function-after", "function-before"):
@@ -610,6 +761,12 @@ def _problems(error: ValidationError) -> list[str]:
         loc = _location(tuple(item["loc"]))
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "union_tag_invalid":
+            loc += ".kind"
+            message = f"unknown kind {item['input'].get('kind')!r} (known: {', '.join(_CHANNEL_KINDS)})"
+        elif item["type"] == "union_tag_not_found":
+            loc += ".kind"
+            message = f"required: one of {', '.join(_CHANNEL_KINDS)}"
         for line in message.splitlines():
             # A nested validator may address a sub-item itself ("[0] invalid ...").
             if line.startswith("[") and loc:

@@ -69,7 +69,7 @@ from dicomnode.receiver import (
 from dicomnode.spool import Spool
 from dicomnode.transport import CONTROL_PDU_LIMIT
 
-__all__ = ["REGENERATE", "CodeUse", "render", "representative_results", "result_codes"]
+__all__ = ["REGENERATE", "CodeUse", "render", "representative_key_object", "representative_results", "result_codes"]
 
 REGENERATE = "dicomnode conformance -o docs/conformance.md"
 
@@ -265,7 +265,7 @@ def _representative_findings(slices: int, size: int) -> list[Findings]:
 def representative_results() -> list[ResultObject]:
     """Result objects for representative findings on a CT series, and a failed analysis on every
     modality that results.py maps to its own Procedure Reported code (plus one it does not)."""
-    modalities = list(dict.fromkeys([*results._PROCEDURES, "OT"]))
+    modalities = list(dict.fromkeys([*results._PROCEDURES, "CR", "DX", "OT"]))
     out: list[ResultObject] = []
     for modality in modalities:
         headers = _source_headers(modality)
@@ -273,6 +273,25 @@ def representative_results() -> list[ResultObject]:
         for findings in batches if modality == "CT" else batches[-1:]:
             out.extend(results.build_results(findings, headers, epoch=1, created=_CREATED))
     return out
+
+
+def representative_key_object(objects: Sequence[ResultObject]) -> ResultObject:
+    """The Key Object a ``kos`` notify channel sends for a critical finding: the flagged slice of
+    the representative CT findings, their SR and SEG (see :func:`dicomnode.results.build_key_object`)."""
+    headers = _source_headers("CT")
+    study = str(headers[0].StudyInstanceUID)
+    documents = [o for o in objects if o.study_instance_uid == study and o.kind in ("sr", "seg")][:2]
+    return results.build_key_object(headers[0], headers[1:2], documents, analyzer="example", version="1.0", epoch=1,
+                                    description="Example finding present (probability 0.90), priority urgent. "
+                                                "NOT FOR CLINICAL USE: produced by example 1.0.",
+                                    created=_CREATED)
+
+
+def _key_object_codes(kos: ResultObject) -> list[tuple[str, str, str, str]]:
+    uses: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for use in result_codes([kos]):
+        uses[(use.value, use.scheme, use.meaning)].add(use.used_as)
+    return sorted(((*key, "; ".join(sorted(u))) for key, u in uses.items()), key=lambda r: (r[1], r[0]))
 
 
 def _template_codes(objects: Sequence[ResultObject]) -> list[tuple[str, str, str, str, str]]:
@@ -383,6 +402,57 @@ def _analyzer_codes(config: Config) -> list[tuple[str, str, str, str, str]]:
                     add(spec.code(), manifest.name, where)
     rows = [(*key, ", ".join(sorted(names)), ", ".join(sorted(places))) for key, (names, places) in found.items()]
     return sorted(rows, key=lambda r: (r[1], r[0], r[2]))
+
+
+def _private_codes() -> list[tuple[str, str, str]]:
+    """(value, meaning, reason) of every private code the shipped analyzers define."""
+    from dicomnode.models import PRIVATE_CODES, deepbet, qc  # noqa: F401 - importing registers their codes
+
+    return sorted((code.value, code.meaning, reason) for code, reason in PRIVATE_CODES.items())
+
+
+#: What PixelMed's DicomSRValidator (Debian libpixelmed-java 20220618) still says about the SRs,
+#: and why: (regular expression of the message, explanation, due to the validator's 2022 templates).
+#: tests/pixelmed.py accepts exactly these warnings, and no error.
+PIXELMED_WARNINGS: tuple[tuple[str, str, bool], ...] = (
+    (
+        r'^Warning: [0-9.]+: /CONTAINER \(126000,DCM,"Imaging Measurement Report"\)'
+        r'/CONTAINER \(126010,DCM,"Imaging Measurements"\)/CONTAINER \(125007,DCM,"Measurement Group"\)'
+        r"/CODE \([^)]*\): Content Item not in template$",
+        "A qualitative evaluation (a CODE content item, e.g. the finding type = Present/Absent, or "
+        "Quality Finding / Quality Assessment / Quality Control Standard) inside a measurement group. "
+        "TID 1501 rows 11-12 and the matching rows of TID 1411 allow them with any concept name (DCMTK's "
+        "dcmsr/cmr implements them as 'TID 1501 - Row 11'); the validator's compiled TID 1501/1411 stop "
+        "before those rows, so it reports every such item.",
+        True,
+    ),
+)
+
+#: Choices made so that the validators give no error, with the reason.
+VALIDATOR_CHOICES: tuple[tuple[str, str], ...] = (
+    (
+        "Procedure Reported for CR/DX is (363679005, SCT, \"Imaging procedure\")",
+        "(43468-8, LN, \"XR unspecified body region\") joined CID 100 after 2022; PixelMed rejects it "
+        "as outside CID 100 (an error), the generic code is in both editions.",
+    ),
+    (
+        "No Algorithm Identification (TID 4019) in TID 1411 groups",
+        "PixelMed's TID 1411 has no row for it (a warning). The segment's Segmentation Algorithm "
+        "Identification and the device observer (TID 1004) name the same algorithm and version.",
+    ),
+    (
+        "A report never mixes TID 1411 and TID 1501 groups from the shipped analyzers",
+        "PixelMed decides between TID 1411 and TID 1501 over the whole Imaging Measurements container "
+        "(any Referenced Segment makes every group a TID 1411 one) and then reports the groups without "
+        "a segment as errors. A segmentation model gives every label a segment (empty when absent) once "
+        "it writes a SEG; deepbet-brain reports coverage in its brain segment's group.",
+    ),
+    (
+        "Code meanings are those of PS3.16, including template codes highdicom writes",
+        "e.g. (121232, DCM, \"Source series for segmentation\"), which highdicom writes capitalised; "
+        "results.standard_meaning takes them from pydicom's copy of the PS3.16 dictionary.",
+    ),
+)
 
 
 # --- facts: IOD modules --------------------------------------------------------------------------
@@ -502,13 +572,16 @@ class _Facts:
     scu: AE
     contexts: list[tuple[str, tuple[str, ...]]]
     objects: list[ResultObject]
+    key_object: ResultObject  # what a notify channel of kind "kos" sends
 
 
 def _gather(config: Config) -> _Facts:
     scp = _receiver_ae(config.node)
     contexts = [(str(cx.abstract_syntax), tuple(str(ts) for ts in cx.transfer_syntax))
                 for cx in scp.supported_contexts]
-    return _Facts(config, scp, sender.make_ae(config.node.ae_title), contexts, representative_results())
+    objects = representative_results()
+    return _Facts(config, scp, sender.make_ae(config.node.ae_title), contexts, objects,
+                  representative_key_object(objects))
 
 
 def render(config: Config | None = None) -> str:
@@ -531,7 +604,7 @@ def _sop_name(uid: str) -> str:
 
 
 def _result_classes(facts: _Facts) -> list[tuple[str, str]]:
-    return sorted({(o.sop_class_uid, o.transfer_syntax_uid) for o in facts.objects})
+    return sorted({(o.sop_class_uid, o.transfer_syntax_uid) for o in [*facts.objects, facts.key_object]})
 
 
 def _overview(facts: _Facts) -> str:
@@ -557,8 +630,9 @@ def _overview(facts: _Facts) -> str:
 dicomnode is a DICOM network node between image sources and a PACS. Its Storage SCP receives
 images with C-STORE and keeps them byte for byte. For each complete series it runs image-quality
 checks and AI models and sends the findings back with C-STORE as a Comprehensive 3D SR (TID 1500)
-and, when a finding has a mask, a Segmentation. It answers C-ECHO. It has no query/retrieve,
-worklist, print or media services.
+and, when a finding has a mask, a Segmentation. For a critical finding a notify channel of kind `kos`
+sends a Key Object Selection Document ("Of Interest") flagging its images. It answers C-ECHO. It has
+no query/retrieve, worklist, print or media services.
 
 Table 1. Network services
 
@@ -1163,11 +1237,14 @@ def _annexes(facts: _Facts) -> str:
     template_rows = _template_codes(objects)
     analyzer_rows = _analyzer_codes(facts.config)
     sr, seg = datasets["sr"], datasets["seg"]
+    kos = pydicom.dcmread(io.BytesIO(facts.key_object.data))
     created = [
         ("SR", f"{_sop_name(sr.SOPClassUID)} (`{sr.SOPClassUID}`)", UID(first["sr"].transfer_syntax_uid).name,
          sr.SeriesNumber, "for every analyzer run, also when it failed"),
         ("SEG", f"{_sop_name(seg.SOPClassUID)} (`{seg.SOPClassUID}`), {seg.SegmentationType}",
          UID(first["seg"].transfer_syntax_uid).name, seg.SeriesNumber, "when a finding carries a mask"),
+        ("KO", f"{_sop_name(kos.SOPClassUID)} (`{kos.SOPClassUID}`)", UID(facts.key_object.transfer_syntax_uid).name,
+         kos.SeriesNumber, "for an event with a critical verdict, by a notify channel of kind `kos`"),
     ]
     return f"""
 ## 6 Annexes
@@ -1178,11 +1255,21 @@ def _annexes(facts: _Facts) -> str:
 
 {_table(["Object", "SOP Class", "Transfer Syntax", "Series Number", "Created"], created)}
 
-Both are in the study of the source series (Patient and General Study modules copied from the first
+All are in the study of the source series (Patient and General Study modules copied from the first
 source image after repair of invalid values) and in a new series each. SOP Instance UIDs are derived
 from (series, epoch, analyzer, version, object), so a re-run re-creates the same instances.
 Series Description starts with `NOT FOR CLINICAL USE` for analyzers marked so. Details:
 `docs/results.md`.
+
+The Key Object Selection Document (TID 2010, document title (113000, DCM, "Of Interest")) references,
+as IMAGE items, the source slices that the finding's mask touches and the Segmentation, and the SR
+as a COMPOSITE item; a TEXT (113012, DCM, "Key Object Description") names the finding, its
+probability and priority, and carries the NOT FOR CLINICAL USE disclaimer; the observer context is
+the analyzer as a device (same Device Observer UID as in its SR). A finding without a mask gives a
+Key Object that references the SR (and SEG) only. It is sent only to the channel's destination, not
+to every destination, and only for `finding.critical` and a `finding.updated` that stays critical:
+a retraction sends no Key Object, and an earlier Key Object is not withdrawn (the revised SR
+names its predecessor).
 
 Table 11. Modules of the Comprehensive 3D SR (PS3.3 A.35.13); "Present" means the created objects
 contain attributes of the module
@@ -1192,6 +1279,10 @@ contain attributes of the module
 Table 12. Modules of the Segmentation (PS3.3 A.51)
 
 {_table(["IE", "Module", "Usage", "Present"], _module_rows(seg))}
+
+Table 13. Modules of the Key Object Selection Document (PS3.3 A.35.4)
+
+{_table(["IE", "Module", "Usage", "Present"], _module_rows(kos))}
 
 #### 6.1.2 Usage of Attributes from Received IODs
 
@@ -1235,6 +1326,12 @@ Reported and the Modality descriptor depend on the source modality.
 {_table(["Code Value", "Coding Scheme", "Code Meaning", "Object", "Used as"],
         [(_code(v), s, m, k, u) for v, s, m, k, u in template_rows])}
 
+The Key Object Selection Document follows TID 2010 "Key Object Selection" with TID 1002 "Observer
+Context" (device). Codes it emits:
+
+{_table(["Code Value", "Coding Scheme", "Code Meaning", "Used in the Key Object as"],
+        [(_code(v), s, m, u) for v, s, m, u in _key_object_codes(facts.key_object)])}
+
 #### 6.3.3 Codes Supplied by the Analyzers
 
 Finding types, measurement names and units, qualitative evaluations and segment properties are
@@ -1245,6 +1342,28 @@ in the Coding Scheme Identification Sequence of the created objects.
 
 {_table(["Code Value", "Coding Scheme", "Code Meaning", "Analyzers", "Defined in"],
         [(_code(v), s, m, a, d) for v, s, m, a, d in analyzer_rows])}
+
+#### 6.3.4 Private Codes and Why
+
+Standard codes (DCM, SCT, LOINC, RadLex, UCUM, with the meanings PS3.16 gives them) are used
+wherever one fits. Each code of the private scheme `99DCMNODE` below has no standard counterpart,
+for the reason given. dciodvfy warns "Unrecognized defined term <99DCMNODE> for value 1 of
+attribute <Coding Scheme Designator>" for each of them; that is its only warning.
+
+{_table(["Code Value", "Code Meaning", "Why no standard code"], [(_code(v), m, r) for v, m, r in _private_codes()])}
+
+#### 6.3.5 Validation of the SR
+
+Every SR the tests create passes `dciodvfy` (dicom3tools) with no error and no warning other than
+the one above, DCMTK `dsrdump`, and PixelMed's `DicomSRValidator` (Debian `libpixelmed-java`,
+templates of the 2022 edition of PS3.16) with no error. The PixelMed warnings that remain:
+
+{_table(["Warning (regular expression)", "Why", "Due to the validator's 2022 templates"],
+        [(f"`{pattern}`", why, "yes" if old else "no") for pattern, why, old in PIXELMED_WARNINGS])}
+
+Encoding choices made so that neither validator reports an error:
+
+{_table(["Choice", "Reason"], VALIDATOR_CHOICES)}
 
 ### 6.4 Grayscale Image Consistency
 

@@ -42,6 +42,7 @@ class JobState(enum.StrEnum):
 class JobKind(enum.StrEnum):
     ANALYZE = "analyze"
     DELIVER = "deliver"
+    NOTIFY = "notify"  # one event to one notify channel (notify.py)
 
 
 class Priority(enum.IntEnum):

@@ -19,6 +19,11 @@ Choices made here, so that every analyzer sees the same conventions:
   saturated at one end of the detector range stays at an end after inversion.
 * **Colour** images (RGB, YBR, PALETTE COLOR) are reduced to luminance (ITU-R BT.601 weights)
   and the reduction is reported in ``Volume.problems``.
+* **Canonical orientation.** :func:`canonical_reorientation` says how to transpose and flip a
+  volume's axes so that they run, as closely as the acquisition allows, from inferior to superior
+  (slices), anterior to posterior (rows) and patient right to patient left (columns): the
+  DICOM patient axes +z, +y, +x (LPS, PS3.3 C.7.6.2.1.1), which is an axial series displayed in the
+  radiological convention. Models see every series that way, whatever its encoding.
 * **Spacing.** Between slices: the median difference of the sorted positions (else Spacing
   Between Slices, Slice Thickness, or 1 mm). In plane: Pixel Spacing (0028,0030), or Imager Pixel
   Spacing (0018,1164) for projection radiographs (PS3.3 C.8.11.4.1.1), else 1 mm (reported).
@@ -45,7 +50,7 @@ from pydicom.dataset import Dataset
 from dicomnode.domain import Volume
 from dicomnode.errors import Permanent
 
-__all__ = ["load_volume", "stored_value_range"]
+__all__ = ["Reorientation", "canonical_reorientation", "load_volume", "stored_value_range"]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _GAP_FACTOR = 1.5  # a step larger than this many median spacings is a gap
@@ -444,3 +449,73 @@ def stored_value_range(header: Dataset) -> tuple[float, float] | None:
         slice_thickness=None,
     )
     return _rescaled_range(header, frame)
+
+
+# --- canonical orientation ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """Transpose, then flip, the (slices, rows, columns) axes of a volume to the canonical order.
+
+    ``order[k]`` is the source axis that becomes canonical axis ``k`` (inferior->superior,
+    anterior->posterior, right->left); ``flip[k]`` reverses canonical axis ``k`` after the
+    transpose. Only axis permutations and reversals are used (no resampling), so :meth:`undo`
+    maps an array computed in canonical space (a mask) back onto the source grid exactly.
+    """
+
+    order: tuple[int, int, int] = (0, 1, 2)
+    flip: tuple[bool, bool, bool] = (False, False, False)
+
+    @property
+    def identity(self) -> bool:
+        return self.order == (0, 1, 2) and not any(self.flip)
+
+    def apply(self, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """A view of ``array`` (slices, rows, columns) in canonical axis order."""
+        out = np.transpose(array, self.order)
+        index = tuple(slice(None, None, -1) if f else slice(None) for f in self.flip)
+        return out[index]
+
+    def undo(self, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """A view of a canonical-space ``array`` back in the source axis order."""
+        index = tuple(slice(None, None, -1) if f else slice(None) for f in self.flip)
+        inverse = tuple(int(i) for i in np.argsort(self.order))
+        return np.transpose(array[index], inverse)
+
+    def spacing(self, spacing: tuple[float, float, float]) -> tuple[float, float, float]:
+        """The voxel spacing (mm) along the canonical axes."""
+        return (spacing[self.order[0]], spacing[self.order[1]], spacing[self.order[2]])
+
+
+def canonical_reorientation(orientation: Sequence[float]) -> Reorientation:
+    """How to bring a volume with Image Orientation (Patient) ``orientation`` to canonical order.
+
+    The volume's axes point along the slice normal (row x column direction cosines; imaging sorts
+    slices in ascending position along it), the column direction cosine (down the rows) and the
+    row direction cosine (along a row), PS3.3 C.7.6.2.1.1. Each is assigned the patient axis
+    (+z, +y, +x in LPS for canonical axes 0, 1, 2) it is closest to, choosing the assignment that
+    maximises the summed alignment, so an oblique or tilted acquisition still gets one answer;
+    an axis pointing the opposite way is flipped. This is the closest-canonical reorientation of
+    NIfTI tools (nibabel ``io_orientation``) without any resampling.
+    """
+    import itertools
+
+    values = [float(v) for v in orientation]
+    if len(values) != 6 or not all(math.isfinite(v) for v in values):
+        return Reorientation()
+    row = np.array(values[:3])
+    col = np.array(values[3:])
+    normal = np.cross(row, col)
+    if np.linalg.norm(row) < 1e-6 or np.linalg.norm(col) < 1e-6 or np.linalg.norm(normal) < 1e-6:
+        return Reorientation()
+    directions = [normal / np.linalg.norm(normal), col / np.linalg.norm(col), row / np.linalg.norm(row)]
+    patient_axis = (2, 1, 0)  # canonical axis k runs along LPS axis patient_axis[k]: z, y, x
+    best: tuple[float, tuple[int, ...]] = (-1.0, (0, 1, 2))
+    for order in itertools.permutations(range(3)):
+        score = sum(abs(directions[order[k]][patient_axis[k]]) for k in range(3))
+        if score > best[0] + 1e-9:
+            best = (score, order)
+    order = best[1]
+    flip = tuple(bool(directions[order[k]][patient_axis[k]] < 0) for k in range(3))
+    return Reorientation(order=(order[0], order[1], order[2]), flip=(flip[0], flip[1], flip[2]))

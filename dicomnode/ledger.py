@@ -136,6 +136,43 @@ results = sa.Table(
     sa.Column("summary", sa.Text, nullable=False, default="{}"),
 )
 
+# --- notify (issue 13): events and their notifications per channel ------------------------------
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.String(20), primary_key=True),  # notify.event_id(): a hash, so inserts are idempotent
+    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("series_instance_uid", sa.String(64), nullable=False, index=True),
+    sa.Column("study_instance_uid", sa.String(64), nullable=False),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("analyzer", sa.String(100), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("verdict", sa.String(16), nullable=False),
+    sa.Column("previous_verdict", sa.String(16)),
+    sa.Column("verdict_changed", sa.Boolean),
+    sa.Column("supersedes", sa.String(20)),
+    sa.Column("payload", sa.Text, nullable=False, default="{}"),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    # time to notification: last image of the epoch, series complete, result built (recorded)
+    sa.Column("last_image_at", sa.Float),
+    sa.Column("series_complete_at", sa.Float),
+    sa.Column("result_built_at", sa.Float),
+)
+
+notifications = sa.Table(
+    "notifications",
+    metadata,
+    sa.Column("event_id", sa.String(20), primary_key=True),
+    sa.Column("channel", sa.String(32), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("job_id", sa.Integer, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("sent_at", sa.Float),  # the message of the successful attempt left
+    sa.Column("acked_at", sa.Float),  # ACK AA / HTTP 2xx / C-STORE success received
+    sa.Column("response", sa.Text, nullable=False, default=""),
+    sa.Column("message_ids", sa.Text, nullable=False, default="[]"),
+)
+
 
 # One row per process that takes part (receiver/sweeper, worker): its heartbeat says it is alive.
 nodes = sa.Table(
@@ -515,6 +552,8 @@ class Ledger:
         self._insert_association_series = insert(association_series).on_conflict_do_nothing()
         self._insert_job = insert(jobs).on_conflict_do_nothing().returning(jobs.c.id)
         self._insert_result = insert(results).on_conflict_do_nothing().returning(results.c.id)
+        self._insert_event = insert(events).on_conflict_do_nothing().returning(events.c.id)
+        self._insert_notification = insert(notifications).on_conflict_do_nothing()
         # Created on first use; the lock matters: two committers would race each other's series
         # upserts.
         self._committer: _GroupCommitter | None = None
@@ -567,6 +606,11 @@ class Ledger:
             with self.engine.connect() as own:
                 return float(own.execute(query).scalar_one())
         return float(conn.execute(query).scalar_one())
+
+    def clock_offset(self, conn: Connection | None = None) -> float:
+        """The ledger's clock minus this host's (0 on SQLite, where they are the same clock): turns a
+        time read on this host into one comparable with times other hosts recorded."""
+        return self.now(conn) - time.time() if self._db_clock else 0.0
 
     # --- instances and series ---------------------------------------------------------------
 
@@ -1162,6 +1206,93 @@ class Ledger:
     def result_paths(self) -> set[str]:
         with self.engine.connect() as conn:
             return set(conn.execute(sa.select(results.c.path)).scalars())
+
+    # --- notify: events and notifications -------------------------------------------------------
+
+    def add_event(self, conn: Connection, **values: Any) -> bool:
+        """Insert an event unless its (deterministic) id exists; True when inserted. Two workers
+        recording the same event race on the primary key: exactly one inserts it."""
+        return conn.execute(self._insert_event, values).first() is not None
+
+    def event(self, event_id: str) -> sa.Row[Any] | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(events).where(events.c.id == event_id)).first()
+
+    def last_event(self, conn: Connection, series_uid: str, analyzer: str, epoch: int) -> sa.Row[Any] | None:
+        """The latest event of (series, analyzer) before ``epoch``, or a failure of ``epoch`` itself
+        (its analyze job went dead before being replayed)."""
+        return conn.execute(
+            sa.select(events)
+            .where(events.c.series_instance_uid == series_uid)
+            .where(events.c.analyzer == analyzer)
+            .where(sa.or_(events.c.epoch < epoch,
+                          sa.and_(events.c.epoch == epoch, events.c.type == "analysis.failed")))
+            .order_by(events.c.epoch.desc(), events.c.created_at.desc())
+            .limit(1)
+        ).first()
+
+    def previous_summary(self, conn: Connection, series_uid: str, analyzer: str, epoch: int) -> dict[str, Any] | None:
+        """The result summary of ``analyzer``'s SR in the latest epoch before ``epoch``."""
+        row = conn.execute(
+            sa.select(results.c.summary)
+            .where(results.c.series_instance_uid == series_uid)
+            .where(results.c.analyzer == analyzer)
+            .where(results.c.kind == "sr")
+            .where(results.c.epoch < epoch)
+            .order_by(results.c.epoch.desc(), results.c.id.desc())
+            .limit(1)
+        ).first()
+        return json.loads(row.summary or "{}") if row is not None else None
+
+    def study_of(self, conn: Connection, series_uid: str) -> str:
+        value = conn.execute(
+            sa.select(series.c.study_instance_uid).where(series.c.series_instance_uid == series_uid)
+        ).scalar()
+        return str(value or "")
+
+    def epoch_last_received(self, conn: Connection, series_uid: str, epoch: int) -> float | None:
+        value = conn.execute(
+            sa.select(sa.func.max(instances.c.received_at))
+            .where(instances.c.series_instance_uid == series_uid)
+            .where(instances.c.epoch == epoch)
+        ).scalar()
+        return float(value) if value is not None else None
+
+    def add_notification(self, conn: Connection, event_id: str, channel: str, *, kind: str,
+                         job_id: int | None) -> None:
+        conn.execute(self._insert_notification, {
+            "event_id": event_id, "channel": channel, "kind": kind, "job_id": job_id,
+            "created_at": self.now(conn), "response": "", "message_ids": "[]"})
+
+    def notification_done(self, conn: Connection, event_id: str, channel: str, *, job_id: int, sent_at: float,
+                          acked_at: float, response: str, message_ids: Sequence[str]) -> None:
+        conn.execute(
+            notifications.update()
+            .where(notifications.c.event_id == event_id)
+            .where(notifications.c.channel == channel)
+            .values(job_id=job_id, sent_at=sent_at, acked_at=acked_at, response=response[:2000],
+                    message_ids=json.dumps(list(message_ids)))
+        )
+
+    def list_events(self, limit: int = 50, series_uid: str | None = None) -> list[sa.Row[Any]]:
+        query = sa.select(events)
+        if series_uid is not None:
+            query = query.where(events.c.series_instance_uid == series_uid)
+        with self.engine.connect() as conn:
+            return list(conn.execute(query.order_by(events.c.created_at.desc()).limit(limit)))
+
+    def notifications_of(self, event_ids: Sequence[str]) -> list[sa.Row[Any]]:
+        """Notifications of these events, with their job's state, attempts and last error."""
+        if not event_ids:
+            return []
+        query = (
+            sa.select(notifications, jobs.c.state, jobs.c.attempts, jobs.c.last_error)
+            .select_from(notifications.outerjoin(jobs, jobs.c.id == notifications.c.job_id))
+            .where(notifications.c.event_id.in_(list(event_ids)))
+            .order_by(notifications.c.event_id, notifications.c.channel)
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(query))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -19,6 +19,10 @@ counters. Exposition is the Prometheus text format 0.0.4.
 ``dicomnode_deliveries_total``                 results delivered, by destination
 ``dicomnode_delivery_failures_total``          failed delivery attempts by destination and outcome
                                                (``retry``: will be retried, ``dead``: dead letter)
+``dicomnode_time_to_notification_seconds``     last image of the epoch -> notification acknowledged,
+                                               by channel and event type
+``dicomnode_notify_attempts_total``            notification attempts by channel and outcome
+                                               (``delivered``, ``retry``, ``dead``)
 =============================================  ============================================================
 """
 
@@ -46,6 +50,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ANALYSIS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 # Time to result includes the quiet period (seconds) and queueing behind other series.
 LATENCY_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+# Time to notification: the same range, finer at the short end where a well-run node sits.
+NOTIFY_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
 
 class _LedgerCollector(Collector):
@@ -85,6 +91,12 @@ class Metrics:
                                   registry=r)
         self.delivery_failures = Counter("dicomnode_delivery_failures", "Failed delivery attempts",
                                          ["destination", "outcome"], registry=r)
+        self.time_to_notification = Histogram(
+            "dicomnode_time_to_notification_seconds",
+            "Last image of a series epoch received -> notification acknowledged", ["channel", "event"],
+            buckets=NOTIFY_BUCKETS, registry=r)
+        self.notify_attempts = Counter("dicomnode_notify_attempts", "Notification attempts by outcome",
+                                       ["channel", "outcome"], registry=r)
         if ledger is not None:
             r.register(_LedgerCollector(ledger))
         self.window_s = window_s
@@ -133,10 +145,23 @@ class Metrics:
             self.delivery_failures.labels(str(record.get("destination", "")), "dead").inc()
         elif event == "job.failed" and record.get("kind") == "deliver":
             self.delivery_failures.labels(self._destination(record), "retry").inc()
+        elif event == "notify.delivered":
+            channel = str(record.get("channel", ""))
+            self.notify_attempts.labels(channel, "delivered").inc()
+            if record.get("seconds") is not None:
+                self.time_to_notification.labels(channel, str(record.get("type", ""))).observe(
+                    float(record["seconds"]))
+        elif event == "notify.dead":
+            self.notify_attempts.labels(str(record.get("channel", "")), "dead").inc()
+        elif event == "job.failed" and record.get("kind") == "notify":
+            self.notify_attempts.labels(self._payload(record, "channel"), "retry").inc()
 
     def _destination(self, record: dict[str, Any]) -> str:
+        return self._payload(record, "destination")
+
+    def _payload(self, record: dict[str, Any], key: str) -> str:
         job = self.ledger.job(int(record["job"])) if self.ledger is not None and "job" in record else None
-        return str(job.payload.get("destination", "")) if job is not None else ""
+        return str(job.payload.get(key, "")) if job is not None else ""
 
     def _latency(self, record: dict[str, Any]) -> float | None:
         """From the last image of the delivered epoch to now. A result of an older epoch (the series

@@ -14,19 +14,18 @@ from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicomnode.analysis import AnalyzeHandler
 from dicomnode.assembly import Assembly
-from dicomnode.audit import Audit
+from dicomnode.audit import AUDIT_FILE, Audit
 from dicomnode.cluster import Heartbeat, default_node_id, heartbeat_settings
 from dicomnode.config import Config, Peer
 from dicomnode.domain import JobState, SeriesState, StoredInstance
-from dicomnode.jobs import Executor, JobHandler, JobQueue, LocalExecutor, NoExecutor
+from dicomnode.handlers import job_handlers, make_notifier
+from dicomnode.jobs import Executor, JobQueue, LocalExecutor, NoExecutor
 from dicomnode.ledger import RECONCILED_ASSOCIATION, Ledger, RecordOutcome
 from dicomnode.metrics import Metrics
 from dicomnode.models import build_registry
 from dicomnode.receiver import Receiver, parse_header, routing_fields
 from dicomnode.receivers import ReceiverPool
-from dicomnode.sender import DeliverHandler
 from dicomnode.spool import Spool
 
 if TYPE_CHECKING:
@@ -62,7 +61,7 @@ class Node:
                            node_id=self.node_id if cluster is not None else "")
         heartbeat_s, dead_after_s = heartbeat_settings(config)
         self.ledger = Ledger(config.ledger_url, dead_after_s=dead_after_s)
-        self.audit = Audit(data_dir / "audit.jsonl", enabled=config.audit.enabled)
+        self.audit = Audit(data_dir / AUDIT_FILE, enabled=config.audit.enabled)
         self.metrics = Metrics(self.ledger)
         self.audit.subscribe(self.metrics.observe)
         self.admin: AdminServer | None = None
@@ -71,6 +70,7 @@ class Node:
                               queues=cluster.queues if cluster is not None else None)
         self.assembly = Assembly(config, self.ledger, self.queue, self.registry.default_for,
                                  self.registry.wants_gpu)
+        self.notifier = make_notifier(config, self.ledger, self.queue, self.registry)
         self.executor: Executor = self._executor()
         self.queue.on_enqueued = self.executor.wake
         self.receiver: Receiver | ReceiverPool
@@ -106,12 +106,7 @@ class Node:
             return ClusterDispatcher(self.ledger, self.queue, self.config.jobs.poll_interval_s)
         if self.config.jobs.workers == 0:
             return NoExecutor()
-        handlers: list[JobHandler] = [
-            AnalyzeHandler(self.ledger, self.spool, self.queue, self.config.analysis, self.audit,
-                           uid_root=self.config.results.uid_root),
-            DeliverHandler(self.ledger, self.spool, self.queue, self.config.destinations,
-                           self.config.node.ae_title, self.audit),
-        ]
+        handlers = job_handlers(self.config, self.ledger, self.spool, self.queue, self.audit, self.notifier)
         return LocalExecutor(self.queue, handlers, workers=self.config.jobs.workers,
                              worker_kind=self.config.jobs.worker_kind)
 
@@ -138,6 +133,9 @@ class Node:
         if released:
             self.audit.log("jobs.resumed", jobs=released)
         if self.receive_role:
+            failures = self.notifier.reconcile()
+            if failures:
+                self.audit.log("events.reconciled", events=failures)
             self.receiver.start()
         self.executor.start()
         if self.receive_role:

@@ -45,7 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from dicomnode.audit import Audit
+from dicomnode.audit import AUDIT_FILE, Audit
 from dicomnode.config import Config, Peer
 from dicomnode.ledger import Ledger
 from dicomnode.transport import Admission, Connection, EdgeLimits
@@ -449,7 +449,7 @@ def child_main() -> int:
     spool = Spool(spool_root, node.min_free_mb * 2**20, node_id=spec["node_id"] if cluster is not None else "")
     heartbeat_s, dead_after_s = heartbeat_settings(config)
     ledger = Ledger(config.ledger_url, dead_after_s=dead_after_s, migrate=False)  # the node migrated it
-    audit = Audit(data_dir / "audit.jsonl", enabled=config.audit.enabled, context={"receiver": index})
+    audit = Audit(data_dir / AUDIT_FILE, enabled=config.audit.enabled, context={"receiver": index})
     audit.subscribe(channel.record)
     board = LoadBoard(Path(spec["board"]), int(spec["count"]))
     admission = SharedAdmission(edge_limits(node), board, index)

@@ -30,7 +30,7 @@ import io
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import highdicom as hd
 import numpy as np
@@ -47,8 +47,10 @@ from dicomnode.domain import Code, Finding, Findings, FindingsStatus, Priority, 
 
 __all__ = [
     "NOT_FOR_CLINICAL_USE",
+    "standard_meaning",
     "ResultsError",
     "Sources",
+    "build_key_object",
     "build_results",
     "device_observer_uid",
     "prepare_sources",
@@ -67,20 +69,21 @@ _ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")  # CID 240 Present-Ab
 _PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
 _UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
 _PRIORITY = hd.sr.CodedConcept("260870009", "SCT", "Priority")
-_URGENT = hd.sr.CodedConcept("103391001", "SCT", "Urgent")
-_ROUTINE = hd.sr.CodedConcept("50811001", "SCT", "Routine")
-_PRIORITY_VALUE = {Priority.STAT: _URGENT, Priority.ROUTINE: _ROUTINE}
+# CID 3414 "Procedure Urgency": the standard's values for how soon the study is to be acted on.
+_URGENT = hd.sr.CodedConcept("103391001", "SCT", "Urgent Procedure")
+_ELECTIVE = hd.sr.CodedConcept("103390000", "SCT", "Elective Procedure")
+_PRIORITY_VALUE = {Priority.STAT: _URGENT, Priority.ROUTINE: _ELECTIVE}
 _QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 _COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
-# Procedure Reported (TID 1500 row 4), from CID 100 "Quantitative Diagnostic Imaging Procedure"
-_XR = hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region")
+# Procedure Reported (TID 1500 row 4), from CID 100 "Quantitative Diagnostic Imaging Procedure".
+# Projection radiography gets the generic (363679005, SCT): (43468-8, LN, "XR unspecified body
+# region") joined CID 100 after the 2022 edition, and validators built on that edition (PixelMed)
+# reject it as outside CID 100.
 _PROCEDURES = {
     "CT": hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region"),
     "MR": hd.sr.CodedConcept("25056-3", "LN", "MRI unspecified body region"),
     "PT": hd.sr.CodedConcept("44136-0", "LN", "PET unspecified body region"),
     "NM": hd.sr.CodedConcept("49118-3", "LN", "NM unspecified body region"),
-    "CR": _XR,
-    "DX": _XR,
 }
 _IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 
@@ -339,8 +342,62 @@ def _repair_value_uncached(vr: str, value: Any) -> Any:
 
 
 def _concept(code: Code) -> hd.sr.CodedConcept:
-    """A highdicom concept; Code Meaning is LO (PS3.3 8.3): longer meanings are cut at 64."""
-    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning[:64])
+    """A highdicom concept with the standard's Code Meaning (:func:`standard_meaning`); Code Meaning
+    is LO (PS3.3 8.3): longer meanings are cut at 64."""
+    return hd.sr.CodedConcept(code.value, code.scheme, standard_meaning(code.scheme, code.value, code.meaning)[:64])
+
+
+_MEANINGS: dict[tuple[str, str], list[tuple[str, bool]]] = {}
+
+
+def standard_meaning(scheme: str, value: str, meaning: str) -> str:
+    """The Code Meaning PS3.16 gives (``scheme``, ``value``), as pydicom's copy of its dictionary
+    holds it; ``meaning`` when the code is not there (a private or unlisted code).
+
+    A code may have several meanings there (SNOMED CT synonyms used by different context groups,
+    plus the fully specified name): the one equal to ``meaning`` apart from case is kept, else the
+    first one a context group uses, else the first one listed. So (121232, DCM, "Source Series for
+    Segmentation"), as highdicom writes it, becomes "Source series for segmentation". For SNOMED
+    codes no context group uses, the fully specified name without its semantic tag ("Source" for
+    "Source (attribute)") is the template's wording and is kept.
+    """
+    if not _MEANINGS:
+        from pydicom.sr._concepts_dict import concepts
+
+        dictionary = cast(dict[str, dict[str, dict[str, tuple[str, list[int]]]]], concepts)
+        for scheme_name, entries in dictionary.items():
+            for codes_of_keyword in entries.values():
+                for code_value, (text, cids) in codes_of_keyword.items():
+                    _MEANINGS.setdefault((scheme_name, code_value), []).append((text, bool(cids)))
+    known = _MEANINGS.get((scheme, value))
+    if not known:
+        return meaning
+    used = [text for text, in_group in known if in_group]
+    for text in used + [text for text, _ in known]:
+        if text.lower() == meaning.lower():
+            return text
+    if not used:
+        # A code no context group lists (a template's concept name, e.g. (260753009, SCT,
+        # "Source") of TID 1601): the dictionary has only SNOMED's fully specified name, and
+        # the templates write its term without the semantic tag.
+        for text, _ in known:
+            term = re.sub(r"\s*\([^()]*\)$", "", text)
+            if term.lower() == meaning.lower():
+                return term
+    return (used or [known[0][0]])[0]
+
+
+def standardize_meanings(ds: Dataset) -> None:
+    """Rewrite, in place, every Code Meaning in ``ds`` (items of any code sequence, at any depth)
+    to :func:`standard_meaning`, including the template codes highdicom writes itself."""
+    for elem in ds.iterall():
+        if elem.VR != "SQ":
+            continue
+        for item in elem.value:
+            if "CodeMeaning" in item and "CodingSchemeDesignator" in item and "CodeValue" in item:
+                meaning = standard_meaning(str(item.CodingSchemeDesignator), str(item.CodeValue), str(item.CodeMeaning))
+                if meaning != item.CodeMeaning:
+                    item.CodeMeaning = meaning[:64]
 
 
 def _short(text: str, limit: int = 64) -> str:
@@ -593,6 +650,7 @@ def _build_seg(
         orientation = [_value(headers[0], "PatientOrientation", i, numeric=False) for i in (0, 1)]
         seg.PatientOrientation = orientation if None not in orientation else ""
     _pin(seg, created, uid("seg", "dimension-organization"))
+    standardize_meanings(seg)
     return seg
 
 
@@ -644,6 +702,10 @@ def _build_sr(
                 segment_number=segment_number,
                 source_series=hd.sr.SourceSeriesForSegmentation(str(headers[0].SeriesInstanceUID)),
             )
+            # No TID 4019 here: the segment's Segmentation Algorithm Identification and the
+            # document's device observer (TID 1004) name the algorithm, and TID 1411 as
+            # validators know it (PixelMed, 2022 edition) has no row for it.
+            kwargs.pop("algorithm_id")
             groups.append(
                 hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                     referenced_segment=referenced, **kwargs
@@ -707,6 +769,7 @@ def _build_sr(
         **_dates(created),
     )
     _pin(sr, created)
+    standardize_meanings(sr)
     return sr
 
 
@@ -910,3 +973,126 @@ def _reference(result: ResultObject) -> Dataset:
     ds.SeriesInstanceUID = result.series_instance_uid
     ds.StudyInstanceUID = result.study_instance_uid
     return ds
+
+
+# --- Key Object Selection (notify channel "kos") -------------------------------------------------
+
+KOS_SERIES_NUMBER = 9903
+
+
+def build_key_object(
+    source: Dataset,
+    images: Sequence[Dataset],
+    documents: Sequence[ResultObject],
+    *,
+    analyzer: str,
+    version: str,
+    epoch: int,
+    description: str,
+    not_for_clinical_use: bool = True,
+    uid_prefix: str | None = None,
+    manufacturer: str = "dicomnode",
+    created: dt.datetime,
+) -> ResultObject:
+    """A Key Object Selection Document (PS3.3 A.35.4, TID 2010) titled (113000, DCM, "Of Interest")
+    that flags ``images`` (the source slices of a critical finding) and references the analysis'
+    SR and SEG (``documents``), with a Key Object Description (113012, DCM) naming the finding.
+
+    Pure, like :func:`build_results`: ``source`` gives the Patient and Study modules (repaired by
+    :func:`sanitized_header`); ``images`` need only their SOP Class, SOP Instance, Series and Study
+    Instance UIDs. The UIDs of the Key Object derive from (series, epoch, analyzer, version, "kos"), so a
+    retried notification re-creates the same SOP Instance and, with the same ``created``, the same
+    bytes. The device that selected the objects is the analyzer (TID 1002 observer context with the
+    same Device Observer UID as its SR). The SEG is referenced as an IMAGE item, the SR as COMPOSITE.
+    """
+    if not images and not documents:
+        raise ValueError("images, documents: a Key Object needs at least one object to reference")
+    header = sanitized_header(source)
+    series_uid = str(source.SeriesInstanceUID)
+    study_uid = str(source.StudyInstanceUID)
+    for i, image in enumerate(images):
+        if str(image.StudyInstanceUID) != study_uid:
+            raise ValueError(f"images[{i}]: belongs to study {image.StudyInstanceUID}, not {study_uid}")
+
+    def uid(part: str) -> str:
+        return result_uid(series_uid, epoch, analyzer, version, "kos", part, prefix=uid_prefix)
+
+    referenced: list[Dataset] = []
+    for image in images:
+        ref = Dataset()
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+            setattr(ref, keyword, image[keyword].value)
+        ref.Rows = ref.Columns = 1  # highdicom writes an IMAGE item (not COMPOSITE) when it sees a matrix
+        referenced.append(ref)
+    for document in documents:
+        ref = Dataset()
+        ref.SOPClassUID = document.sop_class_uid
+        ref.SOPInstanceUID = document.sop_instance_uid
+        ref.SeriesInstanceUID = document.series_instance_uid
+        ref.StudyInstanceUID = document.study_instance_uid
+        if document.kind == "seg":  # an image IOD: highdicom writes an IMAGE item when it sees a matrix
+            ref.Rows = ref.Columns = 1
+        referenced.append(ref)
+    # highdicom copies the Patient and Study modules from the first evidence item; the evidence
+    # list itself must hold exactly the referenced objects (PS3.3 C.17.2.3).
+    evidence = [copy.copy(r) for r in referenced]
+    for keyword in (*_TYPE_2_COPIED, "SpecificCharacterSet"):
+        if keyword in header:
+            setattr(evidence[0], keyword, header[keyword].value)
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(analyzer, version),  # the model's one identity, as in its SR
+            name=_short(analyzer),
+            manufacturer_name=_short(manufacturer),
+            model_name=_short(f"{analyzer} {version}"),
+        ),
+    )
+    text = _CONTROL.sub("", description).strip() or "-"
+    series_description = f"{analyzer} {version} KEY OBJECTS"
+    if not_for_clinical_use:
+        series_description = f"{NOT_FOR_CLINICAL_USE} {series_description}"
+    try:
+        content = hd.ko.KeyObjectSelection(
+            document_title=codes.DCM.OfInterest,
+            referenced_objects=referenced,
+            observer_device_context=observer,
+            description=text,
+        )
+        stamp = created.replace(microsecond=0)
+        kos = hd.ko.KeyObjectSelectionDocument(
+            evidence=evidence,
+            content=content,
+            series_instance_uid=uid("series"),
+            series_number=KOS_SERIES_NUMBER,
+            sop_instance_uid=uid("instance"),
+            instance_number=1,
+            manufacturer=_short(manufacturer),
+            series_description=_short(series_description),
+            content_date=stamp.date(),
+            content_time=stamp.time(),
+            series_date=stamp.date(),
+            series_time=stamp.time(),
+        )
+        # highdicom names every reference "Source" (260753009, SCT); TID 2010 rows 8-10 give the
+        # IMAGE and COMPOSITE items no concept name, and template validators refuse one there.
+        for item in kos.ContentSequence:
+            if item.ValueType in ("IMAGE", "COMPOSITE") and "ConceptNameCodeSequence" in item:
+                del item.ConceptNameCodeSequence
+        _pin(kos, created)
+        buffer = io.BytesIO()
+        kos.save_as(buffer, enforce_file_format=True)
+    except Exception as exc:
+        raise ResultsError(f"cannot encode the Key Object of {analyzer} {version} for series {series_uid}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    return ResultObject(
+        analyzer=analyzer,
+        version=version,
+        kind="kos",
+        sop_class_uid=str(kos.SOPClassUID),
+        sop_instance_uid=str(kos.SOPInstanceUID),
+        series_instance_uid=str(kos.SeriesInstanceUID),
+        study_instance_uid=str(kos.StudyInstanceUID),
+        transfer_syntax_uid=str(kos.file_meta.TransferSyntaxUID),
+        data=buffer.getvalue(),
+    )

@@ -28,6 +28,8 @@ class Plan:
     late_policy: Literal["reprocess", "ignore"]
     late_window_min: float
     reasons: tuple[str, ...] = ()
+    notify: tuple[str, ...] = ()  # notify channels told about this series' events
+    notify_at: str = "urgent"  # the triage priority that makes a finding critical
 
 
 @lru_cache(maxsize=1024)
@@ -100,6 +102,7 @@ def plan_for(
             late_policy=a.late_policy,
             late_window_min=a.late_window_min,
             reasons=("no rules configured: embedded default",),
+            notify=tuple(sorted(config.notify)),
         )
     for index, rule in enumerate(config.rules):
         matched, reasons = explain_match(rule.match, series)
@@ -116,6 +119,8 @@ def plan_for(
             late_policy=then.late_policy or a.late_policy,
             late_window_min=then.late_window_min if then.late_window_min is not None else a.late_window_min,
             reasons=tuple(reasons),
+            notify=tuple(then.notify if then.notify is not None else sorted(config.notify)),
+            notify_at=then.notify_at,
         )
     return None
 

@@ -37,7 +37,15 @@ def pdu_header(pdu_type: int, length: int) -> bytes:
 
 
 def connect_from(source: str, port: int, timeout: float = 5) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+    """A connection from ``source``. A node that resets it before ``connect`` has even returned
+    (the per-host cap can act that fast on loopback) gives a socket its peer has already closed,
+    so callers see the same "closed by peer" as when the reset comes a moment later."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+    except ConnectionResetError:
+        sock, peer = socket.socketpair()
+        peer.close()
+        return sock
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 

@@ -126,6 +126,71 @@ def add_metal(vol: F32, seed: int = 0, slices: slice | None = None, streak_hu: f
     return out
 
 
+def motion_artifact(image: F32, shift_px: tuple[float, float], fraction: float = 0.5, angles: int = 180) -> F32:
+    """The artifact of an in-plane move by ``shift_px`` (rows, columns) during the last
+    ``fraction`` of a 180 deg parallel-beam acquisition, reconstructed by filtered back-projection
+    (ramp filter): inconsistent projections become streaks along the moved edges and a doubled
+    outline. Add it to the image (HU); the projections of the static part cancel out."""
+    mu = np.clip(image.astype(np.float64) + 1000.0, 0.0, None)  # attenuation above air
+    n = mu.shape[0]
+    moved = ndimage.shift(mu, shift_px, order=1, mode="constant")
+    ramp = np.abs(np.fft.fftfreq(n))
+    out = np.zeros(mu.shape, dtype=np.float64)
+    thetas = np.linspace(0.0, 180.0, angles, endpoint=False)
+    for theta in thetas[int(angles * (1.0 - fraction)) :]:
+        difference = (
+            ndimage.rotate(moved, theta, reshape=False, order=1).sum(axis=0)
+            - ndimage.rotate(mu, theta, reshape=False, order=1).sum(axis=0)
+        )
+        filtered = np.real(np.fft.ifft(np.fft.fft(difference) * ramp))
+        out += ndimage.rotate(np.tile(filtered, (n, 1)), -theta, reshape=False, order=1)
+    return (out * np.pi / angles).astype(np.float32)
+
+
+def add_motion(
+    vol: F32, slices: Sequence[int], shift_mm: float, pixel_mm: float, seed: int = 0, angles: int = 180
+) -> F32:
+    """In-plane motion of ``shift_mm`` in a random direction during the acquisition of each of
+    ``slices`` (see :func:`motion_artifact`); other slices are unchanged."""
+    rng = np.random.default_rng(seed + 3000)
+    out = vol.copy()
+    for z in slices:
+        angle = rng.uniform(0.0, 2 * np.pi)
+        shift = (shift_mm / pixel_mm * np.sin(angle), shift_mm / pixel_mm * np.cos(angle))
+        inside = vol[z] > -2000  # padding outside the reconstruction circle stays padding
+        out[z][inside] = (vol[z] + motion_artifact(vol[z], shift, angles=angles))[inside]
+    return out
+
+
+def shift_slices(vol: F32, first: int, shift_mm: tuple[float, float], pixel_mm: float) -> F32:
+    """The patient moved between slices ``first - 1`` and ``first``: every later slice is
+    displaced in-plane by ``shift_mm`` (rows, columns), air filling in."""
+    out = vol.copy()
+    shift = (0.0, shift_mm[0] / pixel_mm, shift_mm[1] / pixel_mm)
+    out[first:] = ndimage.shift(vol[first:] + 1000.0, shift, order=1, mode="constant") - 1000.0
+    return out
+
+
+_CRANIUM: tuple[F32, tuple[float, float, float]] | None = None
+
+
+def cranium() -> tuple[F32, tuple[float, float, float]]:
+    """The real head CT of Debian ``invesalius-examples`` in HU (108 x 256 x 256; slices inferior to
+    superior, rows anterior to posterior) and its spacing; read once per process."""
+    global _CRANIUM
+    if _CRANIUM is None:
+        import importlib.util
+
+        script = Path(__file__).resolve().parent.parent / "scripts" / "invesalius_to_dicom.py"
+        spec = importlib.util.spec_from_file_location("invesalius_to_dicom", script)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        volume, spacing = module.read_inv3()
+        _CRANIUM = (volume.astype(np.float32), spacing)
+    return _CRANIUM
+
+
 # --- MR ----------------------------------------------------------------------------------------
 
 
@@ -242,6 +307,7 @@ def volume(
     spacing: tuple[float, float, float] = (2.5, 0.8, 0.8),
     positions: Sequence[float] | None = None,
     problems: Sequence[str] = (),
+    orientation: tuple[float, float, float, float, float, float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
     **attributes: Any,
 ) -> Volume:
     """Wrap phantom pixels as a :class:`Volume` with one minimal header per slice."""
@@ -252,7 +318,7 @@ def volume(
     return Volume(
         pixels=pixels.astype(np.float32),
         spacing=spacing,
-        orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        orientation=orientation,
         origin=(0.0, 0.0, 0.0),
         frame_of_reference_uid="1.2.3.4",
         modality=modality,

@@ -47,6 +47,9 @@ class Postgres:
     """One PostgreSQL cluster in ``folder``, listening on a Unix socket only."""
 
     folder: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dicomnode-pg-")))
+    # Benchmarks compare against references that fsync (Orthanc's SyncStorageArea, our SQLite):
+    # they run PostgreSQL with its production durability too.
+    durable: bool = False
 
     @property
     def data(self) -> Path:
@@ -77,7 +80,8 @@ class Postgres:
     def start(self) -> Postgres:
         # fsync off: a test machine does not lose power; a crash of PostgreSQL itself (stop -m
         # immediate) still loses nothing that was committed, which is what the tests exercise.
-        options = (f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off -c full_page_writes=off "
+        durability = "" if self.durable else "-c fsync=off -c full_page_writes=off "
+        options = (f"-k {self.socket_dir} -c listen_addresses='' {durability}"
                    "-c max_connections=200 -c shared_buffers=32MB")
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"),
                   "-w", "-t", "60", "start")

@@ -139,6 +139,26 @@ def ct_series(
     return out
 
 
+def paint_blob(datasets: Sequence[Dataset], hu: float = 70.0, radius_mm: float = 12.0,
+               half_depth_slices: float = 8.0) -> list[Dataset]:
+    """Paint a hyperdense ellipsoid (``hu``, ``radius_mm`` in plane, +-``half_depth_slices`` slices)
+    into the brain of a :func:`ct_series` head: a bleed-like blob the shipped demo model reports,
+    with a mask. Changes ``datasets`` in place and returns them."""
+    rows = int(datasets[0].Rows)
+    spacing = float(datasets[0].PixelSpacing[0])
+    cz, cy, cx = len(datasets) // 2, rows * 0.40, rows * 0.60
+    y, x = np.mgrid[0:rows, 0:rows]
+    for i, ds in enumerate(datasets):
+        dz = (i - cz) / half_depth_slices
+        if abs(dz) >= 1:
+            continue
+        inside = ((y - cy) * spacing / radius_mm) ** 2 + ((x - cx) * spacing / radius_mm) ** 2 + dz * dz <= 1.0
+        stored = np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(rows, rows).copy()
+        stored[inside] = int(1024 + hu)
+        ds.PixelData = stored.tobytes()
+    return list(datasets)
+
+
 def mr_series(n_slices: int = 8, rows: int = 64, cols: int = 64, seed: object = 0) -> list[Dataset]:
     """An axial T1-like MR series (no rescale), for routing and analysis tests."""
     datasets = ct_series(n_slices, rows, cols, seed, series_description="T1 AXIAL", series_number=2)

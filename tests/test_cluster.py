@@ -8,6 +8,7 @@ process run last and start it again. Series are small: the point is who does wha
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -65,6 +66,7 @@ class Member:
     command: str
     config: Path
     port: int = 0
+    args: tuple[str, ...] = ()  # e.g. a worker's --queues
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -74,7 +76,7 @@ class Member:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", self.command, "--config",
-                                          str(self.config)], stdout=out, stderr=subprocess.STDOUT)
+                                          str(self.config), *self.args], stdout=out, stderr=subprocess.STDOUT)
 
     @property
     def running(self) -> bool:
@@ -296,7 +298,7 @@ def test_nodes_lists_every_receiver_and_worker(cluster: Cluster) -> None:
         assert member.proc is not None
         row = rows[member.name]
         assert row[1] == member.command and row[2] == "alive" and int(row[3]) == member.proc.pid
-    assert "worker [analyze-cpu,deliver]" in listed.stdout
+    assert "worker [analyze-cpu,deliver,notify]" in listed.stdout
     # The other commands read the shared ledger too: the series of the scenarios above.
     series = subprocess.run([sys.executable, "-m", "dicomnode.cli", "series", "--config",
                              str(cluster.members["rx2"].config)], capture_output=True, text=True, timeout=60)
@@ -324,7 +326,7 @@ def test_worker_refuses_a_queue_that_is_not_configured(cluster: Cluster) -> None
                               str(cluster.members["w1"].config), "--queues", "analyze-cpu,gpu"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2
-    assert refused.stderr.strip() == "unknown queue(s) gpu (configured: analyze-cpu, deliver)"
+    assert refused.stderr.strip() == "unknown queue(s) gpu (configured: analyze-cpu, deliver, notify)"
 
 
 @pytest.mark.slow
@@ -365,6 +367,69 @@ def test_analyzers_that_ask_for_a_gpu_go_to_the_gpu_queue(pg_url: str, tmp_path:
         assert engine_queues() == {f"dicomnode-job-{j.id}": j.queue for j in jobs.values()}
     finally:
         node.stop()
+
+
+@pytest.mark.slow
+def test_a_positive_result_is_told_to_the_ris_by_the_workers(pg_url: str, tmp_path: Path) -> None:
+    """Notify in cluster mode: the receiver runs no jobs; the worker of the analyze queue raises
+    ``finding.critical`` in the results' transaction and the worker of the notify queue (the only
+    one listening there) sends the ORU to a real MLLP listener, which acknowledges it once. The
+    event's times, read on different processes, are on the ledger's clock and in order."""
+    from mllp_listener import MllpListener
+    from notify_fixtures import head_ct, write_model
+
+    listener = MllpListener(tmp_path / "mllp")
+    data = base_config(tmp_path / "rx", assembly={"quiet_period_s": 1.0, "release_grace_s": 0.3},
+                       cluster={"ledger_url": pg_url, "spool_root": str(tmp_path / "spool"), "node_id": "rx",
+                                "heartbeat_s": HEARTBEAT_S, "dead_after_s": DEAD_AFTER_S},
+                       analysis={"shipped_models": False, "model_dirs": [str(write_model(tmp_path / "models"))]},
+                       rules=[{"name": "head", "match": {"body_part": "HEAD"},
+                               "then": {"analyzers": ["test-bleed"], "notify": ["RIS"]}}],
+                       notify={"RIS": listener.channel()})
+    data["jobs"] = {"workers": 1, "poll_interval_s": 0.3, "backoff_base_s": 0.3, "backoff_max_s": 0.6}
+    config = tmp_path / "cluster.toml"
+    config.write_text(tomlkit.dumps(data))
+    workers = [Member("w-analyze", "worker", config, args=("--queues", "analyze-cpu")),
+               Member("w-notify", "worker", config.with_name("notify.toml"), args=("--queues", "notify"))]
+    shutil.copy(config, workers[1].config)
+    node = Node(parse_config(data))  # the receiver: in cluster mode it runs no jobs itself
+    node.start()
+    try:
+        for worker in workers:
+            worker.start()
+        files = write_series(head_ct("cluster-notify")[:8], tmp_path / "ct")
+        assert store_successes(storescu(node.receiver.ports[0], *files)) == 8
+        uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+        deadline = time.monotonic() + 180
+        while not (notify := node.ledger.list_jobs(kind=JobKind.NOTIFY, series_uid=uid,
+                                                   states=[JobState.SUCCEEDED, JobState.DEAD])):
+            assert all(w.running for w in workers), "\n".join(w.tail() for w in workers)
+            assert time.monotonic() < deadline, "no notification ended\n" + "\n".join(w.tail() for w in workers)
+            time.sleep(0.3)
+        (job,) = notify
+        assert job.state == JobState.SUCCEEDED and job.queue == "notify", job
+        (event,) = node.ledger.list_events(series_uid=uid)
+        assert (event.type, event.analyzer, event.epoch) == ("finding.critical", "test-bleed", 1)
+        (oru,) = listener.wait_for(1)
+        assert oru["control_id"] == event.id and oru["answer"] == "AA"
+        (sent,) = node.ledger.notifications_of([event.id])
+        assert sent.channel == "RIS" and sent.job_id == job.id and sent.response.endswith("AA")
+        assert event.last_image_at <= event.series_complete_at <= event.result_built_at <= event.created_at
+        assert event.result_built_at <= sent.sent_at <= sent.acked_at
+        assert (analyze := node.ledger.list_jobs(kind=JobKind.ANALYZE, series_uid=uid)) and \
+            analyze[0].queue == "analyze-cpu"
+        time.sleep(1.0)
+        assert len(listener.messages()) == 1  # delivered once, not once per worker
+        # The workers audit into the same JSON-lines file as the node.
+        data_dir = Path(data["node"]["data_dir"])
+        audited = [json.loads(line) for line in (data_dir / "audit.jsonl").read_text().splitlines() if line]
+        assert any(a.get("event") == "job.succeeded" and a.get("kind") == "notify" for a in audited), audited[-5:]
+        assert not (data_dir / "audit.log").exists()
+    finally:
+        for worker in workers:
+            worker.stop()
+        node.stop()
+        listener.stop()
 
 
 @pytest.mark.slow

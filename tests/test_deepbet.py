@@ -87,20 +87,21 @@ def test_brain_mask_matches_the_shipped_mask_and_volume_is_in_ml(
     volume, truth, _ = colin
     findings = analyzer.analyze(volume)
     assert findings.status is FindingsStatus.COMPLETE, findings.error
-    brain, coverage = findings.findings
+    (brain,) = findings.findings  # one TID 1411 group: the brain segment, its volume and coverage
+    assert brain.finding_type == deepbet.BRAIN_COVERAGE
     assert brain.mask is not None and brain.mask.array.shape == volume.pixels.shape
     mask = brain.mask.array
     dice = 2 * float((mask & truth).sum()) / float(mask.sum() + truth.sum())
     print(f"deepbet vs ch2bet Dice = {dice:.4f}")  # measured 0.936 on torch 2.13 CPU
     assert dice > 0.9
-    (ml,) = brain.measurements
+    ml, inferior_area, other_area = brain.measurements
     assert ml.unit.value == "ml"
     assert ml.value == pytest.approx(mask.sum() / 1000.0, rel=1e-3)  # 1 mm isotropic voxels
     assert 1200 < ml.value < 2300  # Colin27 lives in MNI space, which is larger than a real head
     # Only the brainstem meets the (inferior) edge of the MNI box: not counted as cut off.
-    assert coverage.present is False
-    inferior, other = (m.value for m in coverage.measurements)
-    assert 0 < inferior < deepbet.INFERIOR_TOLERANCE_MM2 and other == 0
+    assert brain.present is False
+    assert (inferior_area.name, other_area.name) == (deepbet.INFERIOR_EDGE_AREA, deepbet.EDGE_AREA)
+    assert 0 < inferior_area.value < deepbet.INFERIOR_TOLERANCE_MM2 and other_area.value == 0
 
 
 def test_a_vertex_outside_the_field_of_view_is_reported_cut_off(
@@ -110,7 +111,7 @@ def test_a_vertex_outside_the_field_of_view_is_reported_cut_off(
     cut = _nifti_to_volume(image, np.asarray(image.dataobj, dtype=np.float32), drop_top=50)
     findings = analyzer.analyze(cut)
     assert findings.status is FindingsStatus.COMPLETE, findings.error
-    coverage = findings.findings[1]
+    (coverage,) = findings.findings
     assert coverage.present is True
     assert coverage.evaluations and coverage.evaluations[0].value.meaning == "Positioning"
     assert any("brain cut off" in note for note in findings.notes)

@@ -8,6 +8,7 @@ from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
+import pixelmed
 import pydicom
 import pytest
 from conftest import NodeFactory, RunningNode, store_successes, storescu
@@ -60,6 +61,8 @@ def test_ct_series_results_arrive_in_orthanc_same_study_and_validate(
         ds = pydicom.dcmread(BytesIO(data))
         if ds.Modality == "SR":
             assert dsrdump_ok(data, tmp_path)
+            template = pixelmed.validate(data)  # TID 1500 template tree (docs/conformance.md 6.3.5)
+            assert template.errors == [] and template.warnings == [], template.text
             sr = hd.sr.srread(BytesIO(data))
             assert sr.VerificationFlag == "UNVERIFIED"
             groups = sr.content.get_planar_roi_measurement_groups() + \
@@ -91,5 +94,7 @@ def test_qc_failure_reported_as_present_quality_finding(make_node: NodeFactory, 
     sr_item = next(i for i in orthanc.instances() if i["sop_instance_uid"] == qc[0].sop_instance_uid)
     data = orthanc.file(sr_item["id"])
     assert dciodvfy(data).clean
+    template = pixelmed.validate(data)
+    assert template.errors == [] and template.warnings == [], template.text
     text = str(pydicom.dcmread(BytesIO(data)).ContentSequence)
     assert "Present" in text

@@ -73,7 +73,8 @@ def test_idle_and_half_open_sockets_block_nobody_and_are_closed_by_the_timeouts(
     try:
         for i, sock in enumerate(sockets):
             if i % 2:
-                sock.sendall(HALF_OPEN_RQ)  # the others stay silent
+                with contextlib.suppress(OSError):  # those over the per-host cap are reset already
+                    sock.sendall(HALF_OPEN_RQ)  # the others stay silent
         time.sleep(0.3)
         assert ECHO_OK in _echo(node.port)
         # The configured timeouts close every one of them (slack for a loaded CI machine).
@@ -347,14 +348,14 @@ def test_full_audit_disk_never_turns_success_into_failure(
     still hand the release to assembly when the audit line cannot be written."""
     data = tmp_path / "data"
     data.mkdir()
-    audit = data / "audit.log"
+    audit = data / "audit.jsonl"
     audit.touch()
     with _tmpfs(tmp_path / "auditfs", "64k") as fs:
-        (fs / "audit.log").touch()
-        subprocess.run(["mount", "--bind", str(fs / "audit.log"), str(audit)], check=True)
+        (fs / "audit.jsonl").touch()
+        subprocess.run(["mount", "--bind", str(fs / "audit.jsonl"), str(audit)], check=True)
         try:
             node = make_node(node={"data_dir": str(data)}, assembly={"quiet_period_s": 120})
-            _fill(fs, fs / "audit.log")
+            _fill(fs, fs / "audit.jsonl")
             series = write_series(ct_series(3, seed="audit-full"), tmp_path_factory.mktemp("audit-full"))
             result = storescu(node.port, *series)
             assert store_successes(result) == 3, result.stdout + result.stderr

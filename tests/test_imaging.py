@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import phantoms as P
@@ -162,3 +163,45 @@ def test_colour_is_reduced_to_luminance() -> None:
     vol = load_volume([_testdata("SC_rgb.dcm")])
     assert vol.pixels.shape == (1, 100, 100)
     assert "colour images were converted to luminance (ITU-R BT.601)" in vol.problems
+
+
+def _converter() -> object:
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "invesalius_to_dicom.py"
+    spec = importlib.util.spec_from_file_location("invesalius_to_dicom", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_dicom_encoding_of_a_real_head_ct_has_one_canonical_orientation(tmp_path: Path) -> None:
+    """The real head CT of invesalius-examples written as scanners might: slices in reverse file
+    order, rows stored posterior to anterior, rows and columns swapped, prone, feet first,
+    unsigned values with intercept -1024. Sorted by imaging and brought to canonical order, every
+    one is the same array; a mirrored or upside-down image stays different (other anatomy)."""
+    from dicomnode.imaging import Reorientation, canonical_reorientation
+
+    conv: Any = _converter()
+    hu, spacing = P.cranium()
+    block = hu[40:46, 60:200, 50:210].copy()
+    canonical = {}
+    for name in (
+        "as-is", "reversed-order", "iop-rows-reversed", "iop-transposed", "iop-prone", "iop-feet-first",
+        "unsigned-1024", "mirrored-lr", "flipped-ap",
+    ):
+        series = conv.encode(name, block, None, spacing, np.random.default_rng(0))
+        volume = load_volume(conv.write_encoded(tmp_path / name, series, name))
+        assert volume.problems == ()
+        reorientation = canonical_reorientation(volume.orientation)
+        canonical[name] = np.ascontiguousarray(reorientation.apply(volume.pixels))
+        assert np.array_equal(reorientation.undo(canonical[name]), volume.pixels)
+        assert reorientation.spacing(volume.spacing) == pytest.approx(spacing)
+    for name in ("reversed-order", "iop-rows-reversed", "iop-transposed", "iop-prone", "iop-feet-first",
+                 "unsigned-1024"):
+        assert np.array_equal(canonical[name], canonical["as-is"]), name
+    assert not np.array_equal(canonical["mirrored-lr"], canonical["as-is"])
+    assert not np.array_equal(canonical["flipped-ap"], canonical["as-is"])
+    assert canonical_reorientation((1, 0, 0, 0, 1, 0)) == Reorientation()
+    assert canonical_reorientation((float("nan"),) * 6) == Reorientation()

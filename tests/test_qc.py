@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import deid_data  # pip install deid-data (see .ci/run)
@@ -16,6 +17,7 @@ from dicomnode.domain import AnalyzerKind, Code, Finding, Findings, FindingsStat
 from dicomnode.imaging import load_volume
 from dicomnode.models import Analyzer, Registry, qc
 from dicomnode.models.qc import CtQc, MrQc, QcSettings, XrQc
+from dicomnode.models.qc import common as qc_common
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -105,6 +107,7 @@ def test_ct_clean_phantom_passes_with_explicit_negatives(ct_hu: np.ndarray) -> N
         qc.SLICE_COVERAGE,
         qc.FOV_TRUNCATION,
         qc.METAL_ARTIFACT,
+        qc.MOTION_ARTIFACT,
         qc.IMAGE_QUALITY,
     ]
     for finding in result.findings:
@@ -169,6 +172,67 @@ def test_ct_cropped_real_image_is_partial_with_a_reason() -> None:
     assert any(n.startswith("CT number calibration: not computed") for n in result.notes)
     assert _finding(result, qc.FOV_TRUNCATION).present is True
     assert _finding(result, qc.IMAGE_NOISE).present is False
+
+
+# --- CT on real anatomy (the head CT of Debian invesalius-examples) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def head_block() -> tuple[np.ndarray, tuple[float, float, float]]:
+    """16 consecutive slices through the orbits and middle cranial fossa, 1.5 mm apart."""
+    hu, spacing = P.cranium()
+    return hu[40:56].copy(), spacing
+
+
+def _head(pixels: np.ndarray, spacing: tuple[float, float, float]) -> Findings:
+    return CtQc().analyze(P.volume(pixels, "CT", spacing=spacing))
+
+
+def test_real_head_ct_has_no_quality_flag() -> None:
+    hu, spacing = P.cranium()
+    result = _head(hu, spacing)
+    assert result.status is FindingsStatus.COMPLETE, result.notes
+    assert _defects(result) == set()
+    motion = _finding(result, qc.MOTION_ARTIFACT)
+    assert _measure(motion, qc.MOTION_STREAK_INDEX) < QcSettings().ct_motion_streak_hu
+    assert _measure(motion, qc.MOTION_JUMP) < QcSettings().ct_motion_jump_mm
+
+
+def test_motion_streaks_on_real_head_ct_are_a_motion_quality_finding(
+    head_block: tuple[np.ndarray, tuple[float, float, float]],
+) -> None:
+    pixels, spacing = head_block
+    moved = P.add_motion(pixels, range(5, 11), shift_mm=3.0, pixel_mm=spacing[1], seed=3, angles=90)
+    finding = _finding(_head(moved, spacing), qc.MOTION_ARTIFACT)
+    assert finding.present is True
+    assert qc.QualitativeEvaluation(qc.QUALITY_FINDING, qc.MOTION_BLUR) in finding.evaluations
+    assert _measure(finding, qc.MOTION_STREAKED_SLICES) >= 25.0
+    assert _finding(_head(pixels, spacing), qc.MOTION_ARTIFACT).present is False
+
+
+def test_slice_to_slice_jump_on_real_head_ct_is_a_motion_quality_finding(
+    head_block: tuple[np.ndarray, tuple[float, float, float]],
+) -> None:
+    pixels, spacing = head_block
+    jumped = P.shift_slices(pixels, 8, (2.4, 3.2), spacing[1])  # 4 mm between slices 7 and 8
+    finding = _finding(_head(jumped, spacing), qc.MOTION_ARTIFACT)
+    assert finding.present is True
+    assert _measure(finding, qc.MOTION_JUMP) == pytest.approx(4.0, abs=0.5)
+
+
+def test_calibration_offset_on_real_head_ct_is_not_metal(
+    head_block: tuple[np.ndarray, tuple[float, float, float]],
+) -> None:
+    """Dense petrous bone reaches 2986 HU here; +150 HU used to cross the 3000 HU metal threshold."""
+    pixels, spacing = P.cranium()
+    result = _head(pixels + np.float32(150.0), spacing)
+    assert _finding(result, qc.CT_NUMBER_CALIBRATION).present is True
+    metal = _finding(result, qc.METAL_ARTIFACT)
+    assert metal.present is False
+    assert _measure(metal, qc.METAL_VOXELS) == 0.0
+    block, _ = head_block
+    with_metal = P.add_metal(block + np.float32(150.0), seed=1, streak_hu=400.0)
+    assert _finding(_head(with_metal, spacing), qc.METAL_ARTIFACT).present is True
 
 
 # --- MR ------------------------------------------------------------------------------------------
@@ -282,6 +346,30 @@ def test_xr_real_chest_cr_monochrome1_passes() -> None:
     assert any("Pixel Spacing" in n for n in result.notes)
 
 
+REAL_RADIOGRAPHS = {
+    "RG1_UNCR.dcm": lambda: get_testdata_file("RG1_UNCR.dcm"),  # chest PA CR (pydicom-data)
+    "RG3_UNCR.dcm": lambda: get_testdata_file("RG3_UNCR.dcm"),  # extremity CR (pydicom-data)
+    "RG1_J2KI.dcm": lambda: get_testdata_file("RG1_J2KI.dcm"),  # the chest, lossy JPEG 2000
+    "cat.dcm": lambda: str(Path(deid_data.__file__).parent / "data" / "animals" / "cat.dcm"),  # DX thorax
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_RADIOGRAPHS))
+def test_gaussian_blur_from_sigma_2_is_flagged_on_real_radiographs_and_originals_pass(name: str) -> None:
+    path = REAL_RADIOGRAPHS[name]()
+    assert path is not None, "pip install pydicom-data"
+    volume = load_volume([Path(str(path))])
+    original = _finding(XrQc().analyze(volume), qc.SHARPNESS)
+    assert original.present is False
+    blurred = replace(volume, pixels=P.blur(volume.pixels, 2.0))
+    finding = _finding(XrQc().analyze(blurred), qc.SHARPNESS)
+    assert finding.present is True
+    assert qc.QualitativeEvaluation(qc.QUALITY_FINDING, qc.MOTION_BLUR) in finding.evaluations
+    assert _measure(finding, qc.FINE_DETAIL_RATIO) < QcSettings().xr_fine_detail_min < _measure(
+        original, qc.FINE_DETAIL_RATIO
+    )
+
+
 def test_xr_real_dx_thorax_with_exposure_index() -> None:
     """deid-data's animals/cat.dcm: an Agfa DX thorax with EI 297, target 171, DI 2.4."""
     path = Path(deid_data.__file__).parent / "data" / "animals" / "cat.dcm"
@@ -344,10 +432,10 @@ def test_disk_morphology_equals_scipy(seed: int) -> None:
         if rng.random() < 0.5:
             mask = ndimage.binary_dilation(mask, iterations=2)  # blobs with holes, not only noise
         for radius in range(0, 7):
-            disk = qc._disk(radius)
+            disk = qc_common.disk(radius)
             for border in (False, True):
-                assert np.array_equal(qc._erode(mask, radius, border),
+                assert np.array_equal(qc_common.erode(mask, radius, border),
                                       ndimage.binary_erosion(mask, structure=disk, border_value=border))
-            assert np.array_equal(qc._dilate(mask, radius), ndimage.binary_dilation(mask, structure=disk))
-            assert np.array_equal(qc._open(mask, radius), ndimage.binary_opening(mask, structure=disk))
-        assert np.array_equal(qc._fill_holes(mask), ndimage.binary_fill_holes(mask))
+            assert np.array_equal(qc_common.dilate(mask, radius), ndimage.binary_dilation(mask, structure=disk))
+            assert np.array_equal(qc_common.opening(mask, radius), ndimage.binary_opening(mask, structure=disk))
+        assert np.array_equal(qc_common.fill_holes(mask), ndimage.binary_fill_holes(mask))

@@ -12,10 +12,12 @@ import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pixelmed
 import pydicom
 import pytest
 from dciodvfy import IGNORED_WARNINGS, dciodvfy
@@ -121,6 +123,11 @@ def _assert_valid(result: ResultObject) -> None:
             )
         assert proc.returncode == 0, proc.stderr
         assert "Imaging Measurement Report" in proc.stdout
+        # PixelMed checks the template tree (TID 1500 and below) against its 2022 templates; the
+        # warnings it may still give are matched, one pattern each, to docs/conformance.md.
+        template = pixelmed.validate(result.data)
+        assert template.errors == [], template.text
+        assert template.warnings == [], template.warnings
 
 
 def _by_kind(results: list[ResultObject]) -> dict[str, ResultObject]:
@@ -163,7 +170,7 @@ def test_positive_finding_gives_seg_and_sr_that_reference_each_other(sources: li
     assert group.referenced_segment.referenced_sop_instance_uid == seg_obj.sop_instance_uid
     assert group.referenced_segment.referenced_segment_numbers == [1]
     [priority] = [i for i in _document_evaluations(sr) if i.ValueType == "CODE"]
-    assert priority.ConceptCodeSequence[0].CodeValue == "103391001"  # STAT -> Urgent
+    assert priority.ConceptCodeSequence[0].CodeValue == "103391001"  # STAT -> Urgent Procedure (CID 3414)
     [procedure] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
     assert procedure.ConceptCodeSequence[0].CodeValue == "25045-6"  # CT unspecified body region
     [observer] = sr.content.get_observer_contexts()
@@ -217,7 +224,7 @@ def test_negative_finding_is_explicit_absent_and_no_seg(sources: list[Dataset]) 
         "Absent",
     )
     [priority] = [i for i in _document_evaluations(sr) if i.ValueType == "CODE"]
-    assert priority.ConceptCodeSequence[0].CodeValue == "50811001"  # Routine
+    assert priority.ConceptCodeSequence[0].CodeValue == "103390000"  # ROUTINE -> Elective Procedure (CID 3414)
 
 
 def test_qc_failure_encodes_the_analyzers_codes_verbatim(sources: list[Dataset]) -> None:
@@ -435,7 +442,6 @@ def test_several_masks_become_numbered_segments_with_empty_frames_omitted(source
         FindingsStatus.COMPLETE,
         findings=(
             Finding(HEMORRHAGE, "h", present=False, mask=Mask(_mask(shape, False), "H", MORPH, HEMORRHAGE)),
-            Finding(VOLUME, "plain", present=None, measurements=(Measurement(VOLUME, 3.0, ML),)),
             Finding(edema, "e", present=True, mask=Mask(_mask(shape), "E", MORPH, edema)),
         ),
     )
@@ -451,7 +457,20 @@ def test_several_masks_become_numbered_segments_with_empty_frames_omitted(source
         ("h", [1]),
         ("e", [2]),
     ]
-    [plain] = sr.content.get_image_measurement_groups()
+    assert sr.content.get_image_measurement_groups() == []
+
+
+def test_a_plain_measurement_group_claims_no_presence(sources: list[Dataset]) -> None:
+    findings = Findings(
+        "demo-hyperdense",
+        "1.0.0",
+        AnalyzerKind.TRIAGE,
+        FindingsStatus.COMPLETE,
+        findings=(Finding(VOLUME, "plain", present=None, measurements=(Measurement(VOLUME, 3.0, ML),)),),
+    )
+    [sr_obj] = build_results(findings, sources, epoch=1, created=CREATED)
+    _assert_valid(sr_obj)
+    [plain] = hd.sr.srread(io.BytesIO(sr_obj.data)).content.get_image_measurement_groups()
     assert plain.get_qualitative_evaluations() == []  # presence None: not applicable, nothing claimed
 
 
@@ -651,3 +670,56 @@ def test_source_character_sets_give_valid_objects_with_the_same_names(
             assert str(ds.PatientName) in (expected, expected + "^")
             assert ds.PatientID == source.PatientID
         hd.sr.srread(io.BytesIO(results[-1].data))
+
+
+def _code_items(ds: Dataset) -> list[Dataset]:
+    return [
+        item
+        for elem in ds.iterall()
+        if elem.VR == "SQ"
+        for item in elem.value
+        if "CodeValue" in item and "CodingSchemeDesignator" in item and "CodeMeaning" in item
+    ]
+
+
+def test_code_meanings_are_the_standards_and_findings_sit_in_their_template_rows(sources: list[Dataset]) -> None:
+    """Every code PS3.16 knows carries PS3.16's meaning (pydicom's dictionary), including those
+    highdicom writes itself; a group's finding is the value of Finding (121071, TID 1501/1411 row
+    3b); a TID 1411 group carries no TID 4019 rows (the SEG and the device observer name the
+    algorithm); projection radiographs report the generic CID 100 procedure."""
+    from pydicom.sr._concepts_dict import concepts
+
+    known: dict[tuple[str, str], set[str]] = {}
+    for scheme, entries in concepts.items():
+        for by_value in entries.values():
+            for value, (meaning, _cids) in by_value.items():
+                known.setdefault((scheme, value), set()).add(meaning)
+    objects = build_results(_positive(sources), sources, epoch=1, created=CREATED)
+    cr = cr_image(64, 64, seed="meanings")
+    del cr.PixelData
+    plain = replace(_positive([cr]).findings[0], mask=None)
+    objects += build_results(replace(_positive([cr]), findings=(plain,)), [cr], epoch=1, created=CREATED)
+    seen = set()
+    for obj in objects:
+        for item in _code_items(_read(obj)):
+            key = (str(item.CodingSchemeDesignator), str(item.CodeValue))
+            if key in known:
+                terms = known[key] | {re.sub(r"\s*\([^()]*\)$", "", m) for m in known[key]}  # FSN without tag
+                assert item.CodeMeaning in terms, (key, item.CodeMeaning)
+                seen.add(key)
+    assert ("DCM", "121232") in seen and ("DCM", "121071") in seen and ("SCT", "103391001") in seen
+    sr = _read(objects[1])
+    [container] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    [group] = container.ContentSequence
+    names = [i.ConceptNameCodeSequence[0].CodeValue for i in group.ContentSequence]
+    assert "111001" not in names and "111003" not in names and "121191" in names
+    [finding] = [i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121071"]
+    assert finding.ConceptCodeSequence[0].CodeValue == HEMORRHAGE.value
+    [source_series] = [i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121232"]
+    assert source_series.ConceptNameCodeSequence[0].CodeMeaning == "Source series for segmentation"
+    cr_sr = _read(objects[-1])
+    [procedure] = [i for i in cr_sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
+    assert (procedure.ConceptCodeSequence[0].CodeValue, procedure.ConceptCodeSequence[0].CodingSchemeDesignator) == (
+        "363679005",
+        "SCT",
+    )

@@ -394,3 +394,160 @@ def test_device_selection_respects_settings() -> None:
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert select_device("auto") == expected
     assert select_device("cuda") == expected
+
+
+# --- torch.export programs, canonical orientation, the 3-D series decision ---------------------------
+
+
+def write_exported(folder: Path, module: nn.Module, extra: str = "", channels: int = 1) -> Path:
+    """A model folder whose network is a torch.export program (.pt2) with dynamic batch and size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    program = torch.export.export(module.eval(), (torch.rand(2, channels, 40, 44),), dynamic_shapes={"x": dims})
+    torch.export.save(program, str(folder / "model.pt2"))
+    text = SEG_MANIFEST.replace('model_file = "model.pt"', 'model_file = "model.pt2"')
+    (folder / "manifest.toml").write_text(text.format(name="test-export", geometry="", batch=4, extra=extra))
+    return folder
+
+
+class BrightConv(nn.Module):
+    """Bright, as a convolution (what export traces best): logit +20 where HU >= 80."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(2000.0)
+            self.conv.bias.fill_(-0.99 * 2000.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_a_torch_export_program_runs_like_torchscript(tmp_path: Path) -> None:
+    pixels, truth = lesion_volume()
+    exported = load_model(write_exported(tmp_path / "pt2", BrightConv()))
+    scripted = load_model(write_model(tmp_path / "pt", Bright()))
+    a, b = exported.analyze(volume(pixels)), scripted.analyze(volume(pixels))
+    assert a.status is FindingsStatus.COMPLETE, a.error
+    assert a.findings[0].present is b.findings[0].present is True
+    assert a.findings[0].mask is not None and np.array_equal(a.findings[0].mask.array, truth)
+    assert a.findings[0].probability == pytest.approx(b.findings[0].probability)
+
+
+def test_a_file_that_is_not_an_export_program_is_named(tmp_path: Path) -> None:
+    folder = write_exported(tmp_path / "bad", BrightConv())
+    (folder / "model.pt2").write_bytes(b"not a zip archive")
+    with pytest.raises(ManifestError, match=r"model_file: model.pt2 is not a torch.export program"):
+        load_model(folder)
+
+
+def _encoded(pixels: np.ndarray, how: str) -> tuple[Volume, np.ndarray]:
+    """The same anatomy (slices inferior->superior, rows anterior->posterior, columns right->left)
+    as ``how`` stores it: the stored array, sorted as imaging sorts it, and its IOP."""
+    if how == "transposed":  # rows along x, columns along y: normal -z, superior slice first
+        stored, iop = pixels.transpose(0, 2, 1)[::-1], (0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
+    elif how == "prone":  # rotated 180 degrees in-plane
+        stored, iop = pixels[:, ::-1, ::-1], (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
+    elif how == "coronal":  # coronal slices anterior->posterior, rows superior->inferior
+        stored, iop = pixels.transpose(1, 0, 2)[:, ::-1], (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+    else:
+        stored, iop = pixels, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    stored = np.ascontiguousarray(stored)
+    spacing = (1.0, 2.0, 1.0) if how == "coronal" else (2.0, 1.0, 1.0)
+    return phantoms.volume(stored, "CT", spacing, orientation=iop), stored
+
+
+@pytest.mark.parametrize("how", ["axial", "transposed", "prone", "coronal"])
+def test_every_encoding_of_one_anatomy_is_seen_in_one_orientation_and_masks_map_back(
+    tmp_path: Path, how: str
+) -> None:
+    pixels, truth = lesion_volume()
+    seen: list[np.ndarray] = []
+
+    class Recording(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x[:, 0].numpy().copy())
+            return Bright()(x)
+
+    manifest = load_manifest(write_model(tmp_path / "m", Bright(), batch=64))
+    vol, _ = _encoded(pixels, how)
+    _, stored_truth = _encoded(truth.astype(np.float32), how)
+    findings = TorchAnalyzer(manifest, Recording(), "cpu").analyze(vol)
+    reference = np.clip((pixels - 0.0) / 80.0, 0, 1)  # the axial stack, windowed 40/80
+    assert np.array_equal(np.concatenate(seen), reference)
+    mask = findings.findings[0].mask
+    assert mask is not None and np.array_equal(mask.array, stored_truth > 0.5)
+
+
+def test_stored_orientation_opts_out(tmp_path: Path) -> None:
+    pixels, _ = lesion_volume()
+    seen: list[tuple[int, ...]] = []
+
+    class Recording(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(x.shape))
+            return Bright()(x)
+
+    folder = write_model(tmp_path / "m", Bright(), batch=64)
+    text = (folder / "manifest.toml").read_text().replace('mode = "2d"', 'mode = "2d"\norientation = "stored"')
+    (folder / "manifest.toml").write_text(text)
+    vol, stored = _encoded(pixels, "coronal")
+    TorchAnalyzer(load_manifest(folder), Recording(), "cpu").analyze(vol)
+    assert seen == [(stored.shape[0], 1, *stored.shape[1:])]
+
+
+def test_a_minimum_lesion_volume_decides_the_series_in_3d(tmp_path: Path) -> None:
+    """With output.min_lesion_ml, a bright speck (one voxel on one slice) no longer calls a series
+    positive; a region of at least that volume does, and only such regions stay in the mask."""
+    folder = write_model(tmp_path / "m", Bright(), batch=64, extra="")
+    text = (folder / "manifest.toml").read_text().replace("top_k = 1", "top_k = 1\nmin_lesion_ml = 0.1")
+    (folder / "manifest.toml").write_text(text)
+    analyzer = load_model(folder)
+    speck = np.full((10, 64, 64), 30.0, dtype=np.float32)
+    speck[4, 30, 30] = 200.0  # 2 mm x 1 mm x 1 mm = 0.002 ml
+    lesion = speck.copy()
+    lesion[2:6, 10:20, 10:20] = 200.0  # 4 slices x 100 mm2 x 2 mm = 0.8 ml
+    negative = analyzer.analyze(volume(speck))
+    assert negative.findings[0].present is False and negative.findings[0].mask is None
+    assert 0 < (negative.findings[0].probability or 0.0) < 0.5
+    positive = analyzer.analyze(volume(lesion))
+    finding = positive.findings[0]
+    assert finding.present is True and positive.priority is Priority.STAT
+    assert finding.mask is not None and finding.mask.array[2:6, 10:20, 10:20].all()
+    assert not finding.mask.array[4, 30, 30]  # the speck is not part of the reported lesion
+    (components,) = analyzer.predict(volume(lesion)).components
+    assert sorted(c.kept for c in components) == [False, True]
+
+
+def test_the_worked_example_of_docs_models_md_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/models.md's export example, run as written: export, manifest, config, verdict."""
+    import re
+    import tomllib
+
+    from dicomnode.config import parse_config
+    from dicomnode.models import build_registry
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "models.md").read_text(encoding="utf-8")
+    section = text[text.index("## Exporting your own model"):text.index("## demo-hyperdense")]
+    python_blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    toml_blocks = re.findall(r"```toml\n(.*?)```", section, flags=re.S)
+    assert len(python_blocks) == 2 and len(toml_blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python_blocks[0], "docs/models.md", "exec"), {})  # noqa: S102 - our own documentation
+    config = tomllib.loads(toml_blocks[0])
+    config["analysis"]["model_dirs"] = [str(tmp_path / p) for p in config["analysis"]["model_dirs"]]
+    config["destinations"] = {"PACS": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}}
+    registry = build_registry(parse_config(config).analysis)
+    assert "dense-spots" in [spec.name for spec in registry.specs() if not spec.unavailable]
+    pixels, truth = lesion_volume()  # a 200 HU block of 1.35 mL in 30 HU tissue
+    scope = {"Path": Path, "volume": volume(pixels)}
+    exec(compile(python_blocks[1], "docs/models.md", "exec"), scope)  # noqa: S102
+    findings = scope["findings"]
+    assert findings.status is FindingsStatus.COMPLETE, findings.error
+    assert findings.findings[0].present is True and findings.priority is Priority.STAT
+    mask = findings.findings[0].mask
+    assert mask is not None  # resampled to 2 mm and back: the edges may move by a pixel
+    assert 2 * (mask.array & truth).sum() / (mask.array.sum() + truth.sum()) > 0.8
+    absent = scope["analyzer"].analyze(volume(np.full((10, 64, 64), 30.0, dtype=np.float32)))
+    assert absent.findings[0].present is False

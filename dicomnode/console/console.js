@@ -132,6 +132,12 @@ function verdicts(results) {
     return el("span", {class: cls, title: r.sop_instance_uid}, text);
   });
 }
+function notified(events) {
+  // one line per event: its type, then each channel with the time from the last image to its ACK
+  return (events || []).map(e => el("div", {class: `event ${e.type.replace(".", "-")}`, title: e.id},
+    `${e.type}: ` + e.notifications.map(n => `${n.channel} ` + (n.time_to_notification_s !== null
+      ? secs(n.time_to_notification_s) : n.state)).join(", ")));
+}
 async function loadSeries() {
   const [series, jobs] = await Promise.all([api("GET", "/api/series?limit=25"),
                                             api("GET", "/api/jobs?limit=50")]);
@@ -139,11 +145,12 @@ async function loadSeries() {
     el("td", {}, when(s.last_received_at)), el("td", {}, s.calling_ae), el("td", {}, s.modality),
     el("td", {}, s.series_description), el("td", {}, s.instances),
     el("td", {}, `${s.state} (epoch ${s.epoch})`),
-    el("td", {}, ...verdicts(s.results)), el("td", {}, secs(s.time_to_result_s)))));
+    el("td", {}, ...verdicts(s.results)), el("td", {}, secs(s.time_to_result_s)),
+    el("td", {class: "notified"}, ...notified(s.events)))));
   fill("jobs-table", jobs.map(j => el("tr", {},
     el("td", {}, j.id), el("td", {}, j.kind), el("td", {}, j.state), el("td", {}, j.priority),
     el("td", {}, `${j.attempts}/${j.max_attempts}`), el("td", {}, secs(j.seconds)),
-    el("td", {}, j.destination ?? ""), el("td", {}, j.last_error))));
+    el("td", {}, j.destination ?? j.channel ?? ""), el("td", {}, j.last_error))));
 }
 
 async function replay(id) {
@@ -159,8 +166,9 @@ async function replay(id) {
 async function loadDead() {
   const rows = await api("GET", "/api/dead-letters");
   fill("dead-table", rows.map(j => el("tr", {},
-    el("td", {}, j.id), el("td", {}, j.destination ?? ""),
-    el("td", {}, j.result ? `${j.result.kind} ${j.result.analyzer}` : "(missing)"),
+    el("td", {}, j.id), el("td", {}, j.destination ?? j.channel ?? ""),
+    el("td", {}, j.kind === "notify" ? (j.event ? `${j.event.type} ${j.event.analyzer}` : "(missing)")
+                 : (j.result ? `${j.result.kind} ${j.result.analyzer}` : "(missing)")),
     el("td", {}, j.attempts), el("td", {}, j.last_error),
     el("td", {},
        el("button", {type: "button", id: `replay-${j.id}`, onclick: () => replay(j.id)}, "Replay")))));

@@ -15,11 +15,31 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from dicomnode.domain import AnalyzerKind, Findings, SeriesSummary, Volume
+from dicomnode.domain import AnalyzerKind, Code, Findings, SeriesSummary, Volume
 from dicomnode.errors import AnalyzerUnavailable
 
 if TYPE_CHECKING:
     from dicomnode.config import AnalysisSettings
+
+
+#: The local coding scheme of the shipped analyzers: a Coding Scheme Designator beginning with
+#: "99" is private (PS3.16 section 8); result objects declare it in their Coding Scheme
+#: Identification Sequence (PS3.3 C.12.1.1.3).
+PRIVATE_SCHEME = "99DCMNODE"
+
+#: Every private code an analyzer defines, with the reason no standard code fits (listed in
+#: docs/conformance.md by ``dicomnode conformance``).
+PRIVATE_CODES: dict[Code, str] = {}
+
+
+def private_code(value: str, meaning: str, reason: str) -> Code:
+    """A concept of :data:`PRIVATE_SCHEME`, registered with ``reason``: why PS3.16, SNOMED CT,
+    LOINC, RadLex, NCIt and UMLS (as far as DICOM's dictionaries carry them) have no code for it."""
+    if not reason.strip():
+        raise ValueError(f"private code {value!r}: a reason is required")
+    code = Code(value, PRIVATE_SCHEME, meaning)
+    PRIVATE_CODES[code] = reason
+    return code
 
 
 @runtime_checkable

@@ -35,7 +35,7 @@ from dicomnode.domain import (
     SeriesSummary,
     Volume,
 )
-from dicomnode.models import Analyzer, AnalyzerSpec
+from dicomnode.models import Analyzer, AnalyzerSpec, private_code
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -45,14 +45,21 @@ if TYPE_CHECKING:
 NAME = "deepbet-brain"
 NOT_INSTALLED = "deepbet is not installed (pip install dicomnode[deepbet])"
 
-BRAIN = Code("12738006", "SCT", "Brain")
-ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")  # CID 7150
+BRAIN = Code("12738006", "SCT", "Brain")  # CID 7151 / 7153
+ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")  # CID 7150
 VOLUME = Code("118565006", "SCT", "Volume")
 MILLILITER = Code("ml", "UCUM", "milliliter")
 QUALITY_FINDING = Code("111052", "DCM", "Quality Finding")
-POSITIONING = Code("111209", "DCM", "Positioning")
-BRAIN_COVERAGE = Code("QC-BRAIN-COVER", "99DCMNODE", "Brain cut off by the field of view")
-EDGE_AREA = Code("QC-BRAIN-EDGE", "99DCMNODE", "Brain mask area on the field of view edge")
+POSITIONING = Code("111209", "DCM", "Positioning")  # CID 6135
+BRAIN_COVERAGE = Code("130576", "DCM", "Anatomy coverage incomplete")  # CID 6315
+INFERIOR_EDGE_AREA = private_code(
+    "QC-BRAIN-EDGE-INF", "Brain mask area on the inferior face of the volume",
+    "no concept for the area of a mask on a face of the imaged volume",
+)
+EDGE_AREA = private_code(
+    "QC-BRAIN-EDGE", "Brain mask area on the other faces of the volume",
+    "no concept for the area of a mask on a face of the imaged volume",
+)
 SQUARE_MM = Code("mm2", "UCUM", "square millimeter")
 
 #: Mask area (mm2) allowed on the outer faces before the brain counts as cut off: the inferior
@@ -165,21 +172,19 @@ class DeepbetAnalyzer:
         ml = float(mask.sum()) * float(np.prod(volume.spacing)) / 1000.0
         inferior, other = edge_contact(volume, mask)
         cut_off = inferior > INFERIOR_TOLERANCE_MM2 or other > EDGE_TOLERANCE_MM2
+        # One measurement group (TID 1411) about the brain segment: its volume, where it meets the
+        # edges of the imaged volume, and the coverage verdict as the group's finding.
         brain = Finding(
-            finding_type=BRAIN,
-            tracking_id=f"{NAME}/brain",
-            measurements=(Measurement(VOLUME, round(ml, 2), MILLILITER, "Brain volume (deepbet mask)"),),
-            mask=Mask(array=mask, label="Brain", category=ANATOMICAL_STRUCTURE, type=BRAIN),
-        )
-        coverage = Finding(
             finding_type=BRAIN_COVERAGE,
-            tracking_id=f"{NAME}/coverage",
+            tracking_id=f"{NAME}/brain",
             present=cut_off,
             measurements=(
-                Measurement(EDGE_AREA, round(inferior, 1), SQUARE_MM, "inferior face (brainstem allowed)"),
-                Measurement(EDGE_AREA, round(other, 1), SQUARE_MM, "other faces"),
+                Measurement(VOLUME, round(ml, 2), MILLILITER, "Brain volume (deepbet mask)"),
+                Measurement(INFERIOR_EDGE_AREA, round(inferior, 1), SQUARE_MM, "the brainstem may meet it"),
+                Measurement(EDGE_AREA, round(other, 1), SQUARE_MM, "superior, anterior, posterior, left, right"),
             ),
             evaluations=(QualitativeEvaluation(QUALITY_FINDING, POSITIONING),) if cut_off else (),
+            mask=Mask(array=mask, label="Brain", category=ANATOMICAL_STRUCTURE, type=BRAIN),
         )
         notes = tuple(volume.problems)
         if cut_off:
@@ -192,7 +197,7 @@ class DeepbetAnalyzer:
             version=self.version,
             kind=self.kind,
             status=FindingsStatus.PARTIAL if volume.problems else FindingsStatus.COMPLETE,
-            findings=(brain, coverage),
+            findings=(brain,),
             notes=notes,
             duration_s=time.monotonic() - start,
             not_for_clinical_use=True,

@@ -1,4 +1,4 @@
-"""TorchScript model runtime: a model is a folder holding ``manifest.toml`` and a TorchScript file.
+"""Model runtime: a model is a folder holding ``manifest.toml`` and a ``torch.export`` (.pt2) or TorchScript file.
 
 The manifest says what the model looks at (filter), how to prepare pixels (input), what comes out
 (output: coded labels, optionally masks) and how probabilities map to a triage priority. The runtime
@@ -21,7 +21,7 @@ import time
 import tomllib
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,6 +40,7 @@ from dicomnode.domain import (
     SeriesSummary,
     Volume,
 )
+from dicomnode.imaging import Reorientation, canonical_reorientation
 from dicomnode.models import Analyzer, AnalyzerSpec
 
 if TYPE_CHECKING:
@@ -121,12 +122,21 @@ class NormalizeSpec(_Strict):
 class InputSpec(_Strict):
     """How to turn Volume pixels (HU for CT) into network input.
 
+    ``orientation="canonical"`` (default): the volume is first transposed and flipped to axial
+    slices from inferior to superior, rows from anterior to posterior and columns from patient
+    right to left (:func:`dicomnode.imaging.canonical_reorientation`, from Image Orientation
+    (Patient)), and masks are mapped back, so one anatomy gets one verdict however the scanner
+    encoded it; ``"stored"`` feeds the stored order unchanged. ``antialias``: when shrinking
+    in-plane, average the source pixels (torch ``antialias=True``) instead of sampling them
+    bilinearly, so that a 0.4 mm series is not fed noisier pixels than a 1 mm one.
     ``mode="2d"``: one slice at a time, resampled in-plane to ``spacing`` (mm, rows x columns) or
     to ``size`` (pixels); ``windows`` give one channel each. ``mode="3d"``: the whole volume
     resampled to ``size`` (slices, rows, columns), so memory is bounded by ``size``.
     """
 
     mode: Literal["2d", "3d"] = "2d"
+    orientation: Literal["canonical", "stored"] = "canonical"
+    antialias: bool = False
     spacing: list[float] | None = None
     size: list[int] | None = None
     windows: list[WindowSpec] = Field(default_factory=list)
@@ -179,6 +189,14 @@ class OutputSpec(_Strict):
     For segmentation, a slice's score is the mean of its ``top_k`` highest pixel probabilities
     (robust to single-pixel spikes) and the series probability is the highest slice score; the
     mask is the pixels whose probability reaches ``mask_threshold``.
+
+    With ``min_lesion_ml`` > 0 (2-D segmentation only) the series decision is made in 3-D
+    instead: the thresholded probability map is split into connected regions (26-connected, on
+    the network's grid), and a region counts only when its volume reaches ``min_lesion_ml``. Its
+    score is the mean of its ``top_k`` highest probabilities; a smaller region's score is scaled by
+    ``volume / min_lesion_ml x threshold`` so that it stays below the label's threshold. The series
+    probability is the highest region score, and the mask keeps only the regions that count: a
+    lone bright voxel on one slice no longer decides a series.
     """
 
     kind: Literal["classification", "segmentation"]
@@ -186,6 +204,7 @@ class OutputSpec(_Strict):
     labels: list[LabelSpec] = Field(min_length=1)
     mask_threshold: float = Field(default=0.5, gt=0, lt=1)
     top_k: int = Field(default=1, ge=1)
+    min_lesion_ml: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _masks_need_codes(self) -> OutputSpec:
@@ -196,6 +215,8 @@ class OutputSpec(_Strict):
             for i, label in enumerate(self.labels):
                 if label.category is None or label.type is None:
                     raise ValueError(f"labels[{i}]: segmentation labels need category and type")
+        elif self.min_lesion_ml > 0:
+            raise ValueError("min_lesion_ml: applies to segmentation models only")
         return self
 
 
@@ -225,6 +246,8 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _threshold_labels(self) -> Manifest:
+        if self.output.min_lesion_ml > 0 and self.input.mode != "2d":
+            raise ValueError("output.min_lesion_ml: applies to mode '2d' models only")
         names = {label.name for label in self.output.labels}
         for i, threshold in enumerate(self.thresholds):
             if threshold.label not in names:
@@ -326,11 +349,24 @@ def select_device(preference: str) -> str:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Raw model output on the source grid: one score per slice and label (for 3D models the
-    series score repeated), and for segmentation one boolean mask per label."""
+    """Raw model output. ``probabilities`` is the series probability of each label (what the
+    findings report); ``slice_scores`` one score per slice and label along the slice axis the
+    network saw (the canonical axial axis unless ``input.orientation = "stored"``; 3D models repeat
+    the series score); ``masks`` one boolean mask per label on the source grid (segmentation)."""
 
-    slice_scores: npt.NDArray[np.float32]  # (slices, labels)
-    masks: list[npt.NDArray[np.bool_]] | None  # one (slices, rows, columns) per label
+    probabilities: npt.NDArray[np.float32]  # (labels,)
+    slice_scores: npt.NDArray[np.float32]  # (slices as seen by the network, labels)
+    masks: list[npt.NDArray[np.bool_]] | None  # one (slices, rows, columns) per label, source order
+    components: tuple[tuple[Component, ...], ...] = ()  # per label, with output.min_lesion_ml
+
+
+@dataclass(frozen=True)
+class Component:
+    """One connected region of the thresholded probability map (``output.min_lesion_ml`` > 0)."""
+
+    volume_ml: float
+    score: float  # mean of the top_k probabilities inside the region
+    kept: bool  # large enough to count (volume >= min_lesion_ml)
 
 
 class TorchAnalyzer:
@@ -454,17 +490,23 @@ class TorchAnalyzer:
         mean /= n
         return mean, math.sqrt(max(sq / n - mean * mean, 1e-12))
 
-    def _target_hw(self, volume: Volume) -> tuple[int, int]:
+    def _target_hw(self, rows: int, cols: int, spacing: tuple[float, float, float]) -> tuple[int, int]:
         spec = self.manifest.input
-        rows, cols = volume.pixels.shape[1:]
         if spec.size is not None:
             return spec.size[-2], spec.size[-1]
         if spec.spacing is not None:
             return (
-                max(1, round(rows * volume.spacing[1] / spec.spacing[0])),
-                max(1, round(cols * volume.spacing[2] / spec.spacing[1])),
+                max(1, round(rows * spacing[1] / spec.spacing[0])),
+                max(1, round(cols * spacing[2] / spec.spacing[1])),
             )
         return rows, cols
+
+    def reorientation(self, volume: Volume) -> Reorientation:
+        """How the volume is transposed/flipped before inference (identity with ``orientation =
+        "stored"`` or without usable Image Orientation (Patient))."""
+        if self.manifest.input.orientation == "stored":
+            return Reorientation()
+        return canonical_reorientation(volume.orientation)
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         import torch
@@ -487,26 +529,40 @@ class TorchAnalyzer:
             yield slice(first, min(n, first + size))
 
     def predict(self, volume: Volume) -> Prediction:
-        """Run the network over ``volume`` (already checked), streaming batches of slices."""
+        """Run the network over ``volume`` (already checked), streaming batches of slices.
+
+        The volume is seen in canonical orientation (see :class:`InputSpec`); slice scores follow
+        that order and masks are mapped back to the source grid. Memory: one batch of float
+        tensors, a boolean mask per label and, with ``output.min_lesion_ml``, the probability map
+        on the network's grid as float16 (200 slices at 128 x 128: 6.6 MB)."""
         import torch
         from torch.nn.functional import interpolate
 
         if self.manifest.input.mode == "3d":
             return self._infer_3d(volume)
         out = self.manifest.output
-        n, rows, cols = volume.pixels.shape
+        reorientation = self.reorientation(volume)
+        pixels = reorientation.apply(volume.pixels)  # a view: no copy of the volume
+        spacing = reorientation.spacing(volume.spacing)
+        n, rows, cols = pixels.shape
         n_labels = len(out.labels)
-        target = self._target_hw(volume)
+        target = self._target_hw(rows, cols, spacing)
         stats = self._volume_stats(volume)
         slice_scores = np.zeros((n, n_labels), dtype=np.float32)
         segmentation = out.kind == "segmentation"
-        masks = [np.zeros((n, rows, cols), dtype=np.bool_) for _ in range(n_labels)] if segmentation else None
+        by_component = segmentation and out.min_lesion_ml > 0
+        masks = (
+            [np.zeros((n, rows, cols), dtype=np.bool_) for _ in range(n_labels)]
+            if segmentation and not by_component
+            else None
+        )
+        grid = np.zeros((n_labels, n, *target), dtype=np.float16) if by_component else None
         with torch.inference_mode():
             for batch in self._batches(n, rows * cols * 4):
-                x = torch.from_numpy(np.ascontiguousarray(volume.pixels[batch], dtype=np.float32))
+                x = torch.from_numpy(np.ascontiguousarray(pixels[batch], dtype=np.float32))
                 x = self._intensity(x.to(self.device), stats)
                 if (rows, cols) != target:
-                    x = interpolate(x, size=target, mode="bilinear", align_corners=False)
+                    x = self._resize(x, target)
                 if x.device.type == "cpu":
                     # oneDNN's NHWC convolutions are about twice as fast on CPU as NCHW for small
                     # 2-D networks; the values differ only by float rounding order.
@@ -523,16 +579,89 @@ class TorchAnalyzer:
                 if not segmentation:
                     slice_scores[batch] = p.cpu().numpy()
                     continue
-                assert masks is not None
                 flat = p.flatten(2)
                 k = min(out.top_k, flat.shape[2])
                 slice_scores[batch] = flat.topk(k, dim=2).values.mean(dim=2).cpu().numpy()
+                if grid is not None:
+                    if tuple(p.shape[2:]) != target:
+                        raise ValueError(f"model output {tuple(p.shape)} is not on its input grid {target}")
+                    grid[:, batch] = p.transpose(0, 1).cpu().numpy()
+                    continue
+                assert masks is not None
                 if tuple(p.shape[2:]) != (rows, cols):
                     p = interpolate(p, size=(rows, cols), mode="bilinear", align_corners=False)
                 binary = (p >= out.mask_threshold).cpu().numpy()
                 for j in range(n_labels):
                     masks[j][batch] = binary[:, j]
-        return Prediction(slice_scores, masks)
+        if not segmentation:
+            return Prediction(slice_scores.max(axis=0), slice_scores, None)
+        components: tuple[tuple[Component, ...], ...] = ()
+        if grid is not None:
+            voxel_ml = spacing[0] * (rows * spacing[1] / target[0]) * (cols * spacing[2] / target[1]) / 1000.0
+            masks, probabilities, components = self._components(grid, voxel_ml, (rows, cols))
+        else:
+            assert masks is not None
+            probabilities = slice_scores.max(axis=0)
+        source_masks = [np.ascontiguousarray(reorientation.undo(m)) for m in masks]
+        return Prediction(probabilities.astype(np.float32), slice_scores, source_masks, components)
+
+    def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Bilinear resampling; anti-aliased when shrinking if ``input.antialias``."""
+        from torch.nn.functional import interpolate
+
+        shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+        antialias = shrink and self.manifest.input.antialias
+        return interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+
+    def _components(
+        self, grid: npt.NDArray[np.float16], voxel_ml: float, source_hw: tuple[int, int]
+    ) -> tuple[list[npt.NDArray[np.bool_]], npt.NDArray[np.float32], tuple[tuple[Component, ...], ...]]:
+        """Series decision from connected regions (``output.min_lesion_ml``), see OutputSpec.
+
+        Returns the canonical-order masks on the source in-plane grid (only regions that count),
+        the series probability of each label and every region found."""
+        import torch
+        from scipy import ndimage
+        from torch.nn.functional import interpolate
+
+        out = self.manifest.output
+        n_labels, n = grid.shape[:2]
+        masks = []
+        probabilities = np.zeros(n_labels, dtype=np.float32)
+        found: list[tuple[Component, ...]] = []
+        structure = np.ones((3, 3, 3), dtype=bool)
+        for j, label in enumerate(out.labels):
+            prob = grid[j]
+            labels, count = ndimage.label(prob >= out.mask_threshold, structure=structure)
+            regions: list[Component] = []
+            keep = np.zeros(count + 1, dtype=bool)
+            for index, box in enumerate(ndimage.find_objects(labels), start=1):
+                if box is None:
+                    continue
+                values = prob[box][labels[box] == index].astype(np.float32)
+                volume_ml = float(values.size) * voxel_ml
+                score = float(np.sort(values)[-out.top_k :].mean())
+                kept = volume_ml >= out.min_lesion_ml
+                keep[index] = kept
+                regions.append(Component(round(volume_ml, 4), score, kept))
+                scaled = score if kept else score * (volume_ml / out.min_lesion_ml) * label.threshold
+                probabilities[j] = max(probabilities[j], scaled)
+            found.append(tuple(regions))
+            mask = np.zeros((n, *source_hw), dtype=np.bool_)
+            kept_map = keep[labels]
+            if kept_map.any():
+                with torch.inference_mode():
+                    for batch in self._batches(n):
+                        if not kept_map[batch].any():
+                            continue
+                        p = torch.from_numpy(prob[batch].astype(np.float32))[:, None]
+                        k = torch.from_numpy(kept_map[batch].astype(np.float32))[:, None]
+                        if tuple(p.shape[2:]) != source_hw:
+                            p = interpolate(p, size=source_hw, mode="bilinear", align_corners=False)
+                            k = interpolate(k, size=source_hw, mode="nearest")
+                        mask[batch] = ((p >= out.mask_threshold) & (k > 0.5))[:, 0].numpy()
+            masks.append(mask)
+        return masks, probabilities, tuple(found)
 
     def _infer_3d(self, volume: Volume) -> Prediction:
         import torch
@@ -541,16 +670,18 @@ class TorchAnalyzer:
         out = self.manifest.output
         size = self.manifest.input.size
         assert size is not None
-        n, rows, cols = volume.pixels.shape
+        reorientation = self.reorientation(volume)
+        pixels = reorientation.apply(volume.pixels)
+        n, rows, cols = pixels.shape
         n_labels = len(out.labels)
         stats = self._volume_stats(volume)
         with torch.inference_mode():
             # Resample slab by slab in-plane first, so no full-resolution float copy is made.
             planes = []
             for batch in self._batches(n):
-                x = torch.from_numpy(np.ascontiguousarray(volume.pixels[batch], dtype=np.float32))
+                x = torch.from_numpy(np.ascontiguousarray(pixels[batch], dtype=np.float32))
                 x = self._intensity(x.to(self.device), stats)
-                planes.append(interpolate(x, size=tuple(size[1:]), mode="bilinear", align_corners=False))
+                planes.append(self._resize(x, (size[1], size[2])))
             x = torch.cat(planes).permute(1, 0, 2, 3).unsqueeze(0)  # (1, C, n, h, w)
             x = interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)
             y = self._module(x)
@@ -561,10 +692,11 @@ class TorchAnalyzer:
                 raise ValueError(f"model output {shape} does not match output.kind={out.kind!r} (3d)")
             p = self._activate(y.float())[0]
         if not segmentation:
-            return Prediction(np.repeat(p.cpu().numpy()[None, :], n, axis=0).astype(np.float32), None)
+            series = p.cpu().numpy().astype(np.float32)
+            return Prediction(series, np.repeat(series[None, :], n, axis=0), None)
         prob = p.cpu().numpy()  # (labels, d, h, w), bounded by manifest size
         k = min(out.top_k, prob[0].size)
-        series = np.sort(prob.reshape(n_labels, -1), axis=1)[:, -k:].mean(axis=1)
+        series = np.sort(prob.reshape(n_labels, -1), axis=1)[:, -k:].mean(axis=1).astype(np.float32)
         # Nearest-neighbour map back to the source grid, one source slice at a time.
         zi = np.minimum(((np.arange(n) + 0.5) * size[0] / n).astype(int), size[0] - 1)
         ri = np.minimum(((np.arange(rows) + 0.5) * size[1] / rows).astype(int), size[1] - 1)
@@ -575,8 +707,8 @@ class TorchAnalyzer:
             mask = np.zeros((n, rows, cols), dtype=np.bool_)
             for z in range(n):
                 mask[z] = binary[zi[z]][np.ix_(ri, ci)]
-            masks.append(mask)
-        return Prediction(np.repeat(series[None, :], n, axis=0).astype(np.float32), masks)
+            masks.append(np.ascontiguousarray(reorientation.undo(mask)))
+        return Prediction(series, np.repeat(series[None, :], n, axis=0), masks)
 
     # -- findings ------------------------------------------------------------------------------
 
@@ -584,7 +716,7 @@ class TorchAnalyzer:
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         findings = []
         for j, label in enumerate(self.manifest.output.labels):
-            probability = float(scores.slice_scores[:, j].max())
+            probability = float(scores.probabilities[j])
             present = probability >= label.threshold
             mask = None
             measurements: tuple[Measurement, ...] = ()
@@ -612,6 +744,16 @@ class TorchAnalyzer:
                     mask=mask,
                 )
             )
+        if any(f.mask is not None for f in findings):
+            # Once a SEG is written, every label gets its segment (empty when absent), so every
+            # measurement group of the report is a TID 1411 one: a report mixing TID 1411 and
+            # TID 1501 groups is valid, but validators that judge the template choice over the
+            # whole Imaging Measurements container (PixelMed) reject it.
+            shape = volume.pixels.shape
+            for j, (label, finding) in enumerate(zip(self.manifest.output.labels, findings, strict=True)):
+                if finding.mask is None and label.category is not None and label.type is not None:
+                    empty = Mask(np.zeros(shape, dtype=np.bool_), label.name, label.category.code(), label.type.code())
+                    findings[j] = replace(finding, mask=empty)
         return tuple(findings)
 
     def _priority(self, findings: tuple[Finding, ...]) -> Priority:
@@ -641,8 +783,17 @@ def set_cpu_threads(threads: int | None) -> None:
         torch.set_num_threads(wanted)
 
 
+#: File suffixes read with ``torch.export.load`` (an ExportedProgram); anything else is TorchScript.
+EXPORT_SUFFIXES = (".pt2",)
+
+
 def load_model(folder: Path, device: str = "cpu") -> TorchAnalyzer:
-    """Load a model folder: validate the manifest, check the file hash if given, load TorchScript."""
+    """Load a model folder: validate the manifest, check the file hash if given, load the network.
+
+    ``model_file`` ending in ``.pt2`` is a ``torch.export`` program (``torch.export.save``), run
+    through ``ExportedProgram.module()``; any other file is TorchScript (``torch.jit.save``),
+    deprecated upstream since torch 2.10 but still loaded, so existing user models keep working.
+    """
     import torch
 
     manifest = load_manifest(folder)
@@ -651,14 +802,27 @@ def load_model(folder: Path, device: str = "cpu") -> TorchAnalyzer:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != manifest.model_sha256:
             raise ManifestError(f"{MANIFEST_NAME}: model_sha256: {manifest.model_file} has sha256 {digest}")
-    with warnings.catch_warnings():
-        # torch >= 2.10 deprecates TorchScript in favour of torch.export, but still loads it; the
-        # warning would otherwise fire once per worker process (and is an error under pytest).
-        warnings.filterwarnings(
-            "ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning
-        )
-        module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
-    module.eval()
+    module: Any
+    if path.suffix in EXPORT_SUFFIXES:
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:
+            raise ManifestError(
+                f"{MANIFEST_NAME}: model_file: {manifest.model_file} is not a torch.export program "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+        module = program.module()
+        if device != "cpu":
+            module = module.to(device)
+    else:
+        with warnings.catch_warnings():
+            # torch >= 2.10 deprecates TorchScript in favour of torch.export, but still loads it;
+            # the warning would otherwise fire once per worker process (an error under pytest).
+            warnings.filterwarnings(
+                "ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning
+            )
+            module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
+        module.eval()
     return TorchAnalyzer(manifest, module, device)
 
 
