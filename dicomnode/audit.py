@@ -32,8 +32,10 @@ _REPORT_EVERY = 60.0  # seconds between log lines about dropped audit lines
 
 
 class Audit:
-    def __init__(self, path: Path | None, enabled: bool = True, keep_recent: int = 500) -> None:
+    def __init__(self, path: Path | None, enabled: bool = True, keep_recent: int = 500,
+                 context: dict[str, Any] | None = None) -> None:
         self.path = path
+        self.context = context or {}  # fields added to every record (a receiver process: its index)
         self.enabled = enabled and path is not None
         self._lock = threading.Lock()
         self._fd: int | None = None
@@ -49,17 +51,27 @@ class Audit:
         self.subscribers.append(subscriber)
 
     def log(self, event: str, **fields: Any) -> None:
-        record = {"ts": round(time.time(), 3), "event": event, **fields}
+        record = {"ts": round(time.time(), 3), "event": event, **fields, **self.context}
         line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
         with self._lock:
             self.recent.append(record)
             if self._fd is not None:
                 self._write(line)
+        self._notify(record)
+
+    def observe(self, record: dict[str, Any]) -> None:
+        """A record another process (a receiver process) already wrote to the log: kept in
+        :attr:`recent` and passed to the subscribers, not written again."""
+        with self._lock:
+            self.recent.append(record)
+        self._notify(record)
+
+    def _notify(self, record: dict[str, Any]) -> None:
         for subscriber in self.subscribers:
             try:
                 subscriber(record)
             except Exception:
-                LOG.exception("audit subscriber failed on %s", event)
+                LOG.exception("audit subscriber failed on %s", record.get("event"))
 
     def _write(self, line: bytes) -> None:
         assert self._fd is not None

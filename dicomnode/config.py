@@ -100,6 +100,12 @@ class TlsSettings(_Settings):
         return self
 
 
+def default_receivers() -> int:
+    """One receiver process per core, at most 4: beyond that the ledger's single writer and the
+    disk's flushes bound the rate, not CPU."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
 class NodeSettings(_Settings):
     ae_title: AETitle = "DICOMNODE"
     host: Host = "127.0.0.1"
@@ -147,7 +153,25 @@ class NodeSettings(_Settings):
         ge=0,
         description="refuse new instances (0xA700) while the spool's file system has less free",
     )
+    receivers: int | None = Field(
+        default=None,
+        ge=1,
+        le=16,
+        description="receiver processes sharing the DICOM port(s), so that N associations use N "
+        "cores; unset: the number of cores, at most 4. 1: the node process receives itself",
+    )
+    listen_backlog: int = Field(
+        default=128,
+        ge=1,
+        le=65535,
+        description="connections the kernel queues before they are accepted (a burst of scanners)",
+    )
     tls: TlsSettings | None = None
+
+    @property
+    def receiver_processes(self) -> int:
+        """``receivers``, or its default for this machine."""
+        return self.receivers if self.receivers is not None else default_receivers()
 
 
 class Peer(_Settings):

@@ -25,6 +25,7 @@ from dicomnode.ledger import RECONCILED_ASSOCIATION, Ledger, RecordOutcome
 from dicomnode.metrics import Metrics
 from dicomnode.models import build_registry
 from dicomnode.receiver import Receiver, parse_header, routing_fields
+from dicomnode.receivers import ReceiverPool
 from dicomnode.spool import Spool
 
 if TYPE_CHECKING:
@@ -72,16 +73,22 @@ class Node:
         self.notifier = make_notifier(config, self.ledger, self.queue, self.registry)
         self.executor: Executor = self._executor()
         self.queue.on_enqueued = self.executor.wake
-        self.receiver = Receiver(
-            config.node,
-            config.peers,
-            self.spool,
-            self.ledger,
-            self.audit,
-            on_stored=self._on_stored,
-            on_released=lambda _association: self._schedule_sweep(config.assembly.release_grace_s),
-            reuse_port=cluster is not None,
-        )
+        self.receiver: Receiver | ReceiverPool
+        if receive and config.node.receiver_processes > 1:
+            # Receiver processes on the node's listening socket (dicomnode.receivers).
+            self.receiver = ReceiverPool(config, self.ledger, self.audit, self.node_id,
+                                         on_sweep=self._schedule_sweep)
+        else:
+            self.receiver = Receiver(
+                config.node,
+                config.peers,
+                self.spool,
+                self.ledger,
+                self.audit,
+                on_stored=self._on_stored,
+                on_released=lambda _association: self._schedule_sweep(config.assembly.release_grace_s),
+                reuse_port=cluster is not None,
+            )
         self.heartbeat = Heartbeat(self.ledger, heartbeat_s, config.jobs.lease_s, self.describe)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1,
                                                            "misfire_grace_time": None})

@@ -13,6 +13,7 @@ B.2.3). The receiver never decodes pixel data, runs models or waits on jobs.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import copy
 import logging
@@ -202,6 +203,8 @@ class Receiver:
         on_stored: StoredCallback | None = None,
         on_released: Callable[[str], None] | None = None,
         reuse_port: bool = False,
+        admission: Admission | None = None,
+        before_accept: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.reuse_port = reuse_port  # cluster: several receiver processes share the DICOM port
@@ -212,7 +215,11 @@ class Receiver:
         self._on_stored = on_stored
         self._on_released = on_released
         self._servers: list[EdgeServer] = []
-        self._admission = Admission(edge_limits(settings))
+        # A receiver process of a pool shares the node-wide association limit (receivers.py).
+        self._admission = admission or Admission(edge_limits(settings))
+        self._before_accept = before_accept
+        # Flushes each new file's directory while the ledger commits its row (see _store).
+        self._flusher = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="dir-fsync")
         self._refusals: dict[str, tuple[float, int]] = {}  # host -> (last warning, refused since)
         self._association_ids: dict[int, str] = {}
         self._stored_by_association: dict[str, int] = {}
@@ -245,17 +252,20 @@ class Receiver:
         """Take effect on the very next association."""
         self._peers = PeerTable(peers)
 
-    def start(self) -> None:
+    def start(self, plain_socket: socket.socket | None = None, tls_socket: socket.socket | None = None) -> None:
+        """Open the listeners, or adopt the listening sockets a node made for its receiver
+        processes (``plain_socket``, ``tls_socket``)."""
         quiet_pynetdicom_event_logging()
-        self._servers.append(self._serve(self.settings.port, None))
+        self._servers.append(self._serve(self.settings.port, None, plain_socket))
         tls = self.settings.tls
         if tls is not None:
             context = tls_server_context(tls.certificate, tls.private_key, tls.ca_certificates,
                                          tls.require_client_certificate)
-            self._servers.append(self._serve(tls.port, context))
+            self._servers.append(self._serve(tls.port, context, tls_socket))
         LOG.info("listening on %s:%s as %s", self.settings.host, self.settings.port, self.settings.ae_title)
 
-    def _serve(self, port: int, ssl_context: ssl.SSLContext | None) -> EdgeServer:
+    def _serve(self, port: int, ssl_context: ssl.SSLContext | None,
+               listening_socket: socket.socket | None = None) -> EdgeServer:
         """One listener (``AE.start_server(block=False)`` with our server class). Both listeners
         share one admission: association slots and the negotiation pool are the node's."""
         handlers: list[Any] = [
@@ -271,6 +281,7 @@ class Receiver:
             (self.settings.host, port), evt_handlers=handlers, contexts=self._contexts,
             ssl_context=ssl_context, server_class=EdgeServer, admission=self._admission,
             on_refused=self._on_connection_refused, reuse_port=self.reuse_port,
+            listening_socket=listening_socket, before_accept=self._before_accept,
         )
         assert isinstance(server, EdgeServer)
         thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True)
@@ -283,6 +294,11 @@ class Receiver:
         for server in self._servers:
             server.shutdown()
         self._servers.clear()
+        self._flusher.shutdown(wait=True)
+        self._flusher = cf.ThreadPoolExecutor(max_workers=8, thread_name_prefix="dir-fsync")  # no thread until used
+
+    def active_associations(self) -> int:
+        return self._admission.snapshot()["associations"]
 
     def connections(self) -> dict[str, int]:
         """Connections now negotiating, live associations, and connections refused so far at the
@@ -448,7 +464,6 @@ class Receiver:
             LOG.warning("C-STORE of %s on the presentation context of %s", sop_class, context.abstract_syntax)
             raise SopClassNotSupported("SOP Class differs from the presentation context's")
         transfer_syntax = str(context.transfer_syntax)
-        self.spool.check_space()
 
         raw = event.encoded_dataset(include_meta=False)
         header = file_meta_bytes(sop_class, sop_instance, transfer_syntax, calling)
@@ -456,7 +471,13 @@ class Receiver:
         study, series = check_dataset(ds, sop_class, sop_instance)
 
         relative = self.spool.instance_path(study, series, sop_instance)
-        self.spool.write(relative, header, raw)
+        # Durable before Success: the file's bytes (fsync), its name (fsync of the folder) and its
+        # row (commit). The folder flush runs while the row commits: a crash can still never leave a
+        # row without its file, since the link precedes the commit; only a power loss in the instant
+        # between the commit and the end of the folder flush could, for an instance not acknowledged
+        # (start-up reconciliation reports such rows).
+        _, folder = self.spool.write_linked(relative, header, raw)
+        flushed = self._flusher.submit(self.spool.sync_folder, folder)
         item = StoredInstance(
             sop_instance_uid=sop_instance,
             sop_class_uid=sop_class,
@@ -474,7 +495,9 @@ class Receiver:
         try:
             outcome = self.ledger.record_instance(item)
         except Exception as exc:
+            cf.wait([flushed])
             raise OutOfResources(f"ledger unavailable: {type(exc).__name__}") from exc
+        flushed.result()  # OutOfResources when the folder could not be flushed
         if not outcome.new and outcome.path != item.path:
             # The same SOP Instance UID under another study or series lands at another path; the
             # ledger keeps the first copy, so the second file is removed rather than orphaned. It is

@@ -37,6 +37,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import queue
+import select
 import socket
 import ssl
 import struct
@@ -52,13 +54,17 @@ from typing import TYPE_CHECKING, Any, cast
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import set_timer_resolution
 
 if TYPE_CHECKING:
     from pynetdicom.ae import ApplicationEntity
+    from pynetdicom.dimse_primitives import DimsePrimitiveType
     from pynetdicom.presentation import PresentationContext
 
 LOG = logging.getLogger(__name__)
@@ -71,6 +77,9 @@ CONTROL_PDU_LIMIT = 2**20
 P_DATA_TF = 0x04
 _PDU_HEADER = struct.Struct(">BBL")
 _PDV_LENGTH = struct.Struct(">L")
+_ELEMENT = struct.Struct("<HHI")  # group, element, length: Implicit VR Little Endian
+_US = struct.Struct("<H")
+_UL = struct.Struct("<I")
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected transient, service provider (presentation related),
 # local limit exceeded.
@@ -80,6 +89,7 @@ _ABORT_SOURCE_PROVIDER = 0x02
 _ABORT_INVALID_PARAMETER = 0x06
 
 _WAIT_SLICE = 0.05  # how often a negotiating association checks that its peer is still there
+_REACTOR_WAIT = 0.05  # longest wait of an idle reactor: its ARTIM and idle timers still run
 _COLLECT_EVERY = 60.0  # seconds between the accept loop's garbage collections (pynetdicom: 60 loops)
 
 
@@ -253,8 +263,14 @@ class EdgeServer(ThreadedAssociationServer):
         admission: Admission,
         on_refused: RefusedCallback | None = None,
         reuse_port: bool = False,
+        listening_socket: socket.socket | None = None,
+        before_accept: Callable[[], None] | None = None,
     ) -> None:
         self.reuse_port = reuse_port  # several processes share the port; the kernel spreads connections
+        # Receiver processes (dicomnode.receivers) adopt the socket their node listens on, instead
+        # of binding one: see server_bind/server_activate.
+        self._inherited = listening_socket
+        self._before_accept = before_accept
         self.admission = admission  # may be shared by several listeners (plain and TLS)
         self.limits = admission.limits
         self._on_refused = on_refused
@@ -265,18 +281,35 @@ class EdgeServer(ThreadedAssociationServer):
     # --- the accept thread: cheap decisions only ---------------------------------------------------
 
     def server_bind(self) -> None:
-        """pynetdicom's bind (SO_REUSEADDR, listening timeout = network timeout), then a
+        """An inherited listening socket replaces the one socketserver just created (already bound
+        and listening, kept open by the node for its whole life, so that a receiver process that
+        dies never resets the connections queued on it). Otherwise: pynetdicom's bind
+        (SO_REUSEADDR, listening timeout = network timeout), then a
         non-blocking listening socket: a connection reset between ``select`` and ``accept`` must
         not stall the accept loop for the network timeout. With ``reuse_port``, SO_REUSEPORT is set
         before the bind (pynetdicom's bind ignores socketserver's ``allow_reuse_port``)."""
+        if self._inherited is not None:
+            cast(socket.socket, self.socket).close()
+            self.socket = self._inherited
+            self.socket.setblocking(False)  # a sibling process may win the accept: EAGAIN, not a hang
+            self.server_address = self.socket.getsockname()
+            return
         if self.reuse_port:
             cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
         cast(socket.socket, self.socket).setblocking(False)
 
+    def server_activate(self) -> None:
+        if self._inherited is None:  # an inherited socket is listening already
+            super().server_activate()
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept only. pynetdicom wraps TLS here, in the accept thread, without a timeout; the
-        handshake moves to the connection's own thread (:meth:`open_transport`)."""
+        handshake moves to the connection's own thread (:meth:`open_transport`). ``before_accept``
+        may delay the accept (a busier receiver process lets an idle sibling take the connection);
+        when a sibling did, accept raises BlockingIOError, which socketserver ignores."""
+        if self._before_accept is not None:
+            self._before_accept()
         sock, address = cast(socket.socket, self.socket).accept()
         return sock, address
 
@@ -406,6 +439,160 @@ class EdgeRequestHandler(RequestHandler):
         return assoc
 
 
+def _ui(value: str) -> bytes:
+    data = value.encode("ascii")
+    return data + b"\0" if len(data) % 2 else data
+
+
+def c_store_success_command(sop_class: str, message_id: int, sop_instance: str) -> bytes:
+    """The command set of a C-STORE-RSP with status Success (PS3.7 9.3.1.2, Implicit VR Little
+    Endian): the same bytes as pynetdicom's encoder (pinned by a test), without building and
+    encoding a pydicom Dataset twice for it."""
+    elements = ((0x0002, _ui(sop_class)),  # Affected SOP Class UID
+                (0x0100, _US.pack(0x8001)),  # Command Field: C-STORE-RSP
+                (0x0120, _US.pack(message_id)),  # Message ID Being Responded To
+                (0x0800, _US.pack(0x0101)),  # Command Data Set Type: no data set
+                (0x0900, _US.pack(0x0000)),  # Status: Success
+                (0x1000, _ui(sop_instance)))  # Affected SOP Instance UID
+    body = b"".join(_ELEMENT.pack(0x0000, tag, len(value)) + value for tag, value in elements)
+    return _ELEMENT.pack(0x0000, 0x0000, 4) + _UL.pack(len(body)) + body
+
+
+class _WakingQueue(queue.Queue[Any]):
+    """A queue that calls ``wake`` after every put: the consumer waits on an event or a socket
+    instead of polling the queue."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+class EdgeDUL(DULServiceProvider):
+    """pynetdicom 3.0.4's DUL provider with an event-driven reactor: an idle DUL thread waits in
+    ``select`` on its socket and on a wake-up socket that every send (``to_provider_queue``) and
+    every kill writes to, instead of sleeping 1 ms per loop; at most :data:`_REACTOR_WAIT`, so the
+    ARTIM timer is still checked."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.to_provider_queue = _WakingQueue(self.wake)
+        self.on_exit: Callable[[], None] | None = None
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):  # a wake-up is pending already, or the DUL has ended
+            self._wake_w.send(b"\0")
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self.wake()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self.wake()
+            if threading.current_thread() is not self and self.is_alive():
+                self.join()
+            return True
+        return False
+
+    def _wait(self) -> None:
+        raw = self.socket.socket if self.socket is not None else None
+        if isinstance(raw, ssl.SSLSocket) and raw.pending():
+            return  # decrypted bytes wait in the TLS object, invisible to select
+        watched: list[Any] = [self._wake_r]
+        if raw is not None and raw.fileno() >= 0:
+            watched.append(raw)
+        try:
+            ready, _, _ = select.select(watched, [], [], _REACTOR_WAIT)
+        except (OSError, ValueError):  # the socket was closed meanwhile: the loop notices
+            return
+        if self._wake_r in ready:
+            with contextlib.suppress(OSError):
+                while self._wake_r.recv(4096):
+                    pass
+
+    def run_reactor(self) -> None:
+        try:
+            self._run_events()
+        finally:
+            self._wake_r.close()
+            self._wake_w.close()
+            if self.on_exit is not None:
+                self.on_exit()
+
+    def _run_events(self) -> None:
+        """``DULServiceProvider.run_reactor`` with its 1 ms sleep replaced by :meth:`_wait`."""
+        self._idle_timer.start()
+        idle = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                idle = True
+            if idle:
+                self._wait()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                # Either send one primitive or read one PDU per loop, as pynetdicom does.
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception:
+                LOG.exception("DUL reactor failed; aborting the association")
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                with contextlib.suppress(Exception):
+                    cast(AssociationSocket, self.socket).send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            self.state_machine.do_action(event)
+            idle = False
+
+
+class EdgeDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, but a C-STORE-RSP Success (one per received instance) is
+    encoded by hand: pynetdicom converts the primitive to a pydicom Dataset and encodes it, which
+    cost more CPU than storing the instance's ledger row. Any other message, and any response when
+    someone listens to EVT_DIMSE_SENT, goes through pynetdicom."""
+
+    def send_msg(self, primitive: DimsePrimitiveType, context_id: int) -> None:
+        if (type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None
+                and primitive.Status == 0x0000 and primitive.ErrorComment is None
+                and primitive.OffendingElement is None and primitive.AffectedSOPClassUID
+                and primitive.AffectedSOPInstanceUID
+                and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+            command = c_store_success_command(str(primitive.AffectedSOPClassUID),
+                                              primitive.MessageIDBeingRespondedTo,
+                                              str(primitive.AffectedSOPInstanceUID))
+            pdata = P_DATA()
+            # Message control header 0x03: a command, last fragment (PS3.8 E.2); a command set
+            # of ~130 bytes always fits the smallest maximum PDU length.
+            # (a list, not the tuple the annotation says: pynetdicom's setter checks for a list)
+            pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]  # type: ignore[list-item]
+            self.dul.send_pdu(pdata)
+            return
+        super().send_msg(primitive, context_id)
+
+
 class EdgeAssociation(Association):
     """An acceptor association whose negotiation is bounded and whose slot is accounted for.
 
@@ -417,8 +604,23 @@ class EdgeAssociation(Association):
 
     def __init__(self, ae: ApplicationEntity, admission: Admission, connection: Connection) -> None:
         super().__init__(ae, MODE_ACCEPTOR)
+        # Event-driven reactors (pynetdicom polls with a 1 ms sleep in both threads: thousands of
+        # wake-ups a second per idle association, and up to 1 ms of latency at each hand-off).
+        self._wake = threading.Event()
+        self.dul = EdgeDUL(self)
+        self.dul.to_user_queue = _WakingQueue(self._wake.set)
+        self.dul.on_exit = self._wake.set
+        self.dimse = EdgeDIMSE(self)
+        self.dimse.msg_queue = _WakingQueue(self._wake.set)
+        # The setters push these into the new DUL's timers.
+        self.acse_timeout = self.acse_timeout
+        self.network_timeout = self.network_timeout
         self._admission = admission
         self._connection = connection
+
+    def kill(self) -> None:
+        self._wake.set()
+        super().kill()
 
     def run_reactor(self) -> None:
         try:
@@ -458,6 +660,55 @@ class EdgeAssociation(Association):
             with set_timer_resolution(self._timer_resolution):
                 self._run_reactor()
         self._close_transport()
+
+    def _run_reactor(self) -> None:
+        """pynetdicom 3.0.4's ``Association._run_reactor`` (acceptor loop), waiting on an event set
+        by whatever gives it work (a decoded DIMSE message, a release or abort primitive, the DUL
+        ending, kill) instead of sleeping 1 ms per loop; at most :data:`_REACTOR_WAIT` so that the
+        idle timer is still checked."""
+        self._is_paused = False
+        busy = False
+        while not self._kill:
+            if not busy:
+                self._wake.wait(_REACTOR_WAIT)
+            self._wake.clear()
+            busy = False
+            # send_*() of the service user may pause the reactor (pynetdicom's checkpoint).
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+                busy = True  # look again at once: more may have arrived meanwhile
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)  # EVT_ACSE_RECV for subscribers
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                LOG.error("network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
 
     def _await_request(self) -> A_ASSOCIATE | None:
         deadline = self._connection.deadline

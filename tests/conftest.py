@@ -53,7 +53,8 @@ def store_successes(result: subprocess.CompletedProcess[str]) -> int:
 
 def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
-        "node": {"port": 0, "data_dir": str(tmp_path / "data"), "min_free_mb": 1},
+        # One receiver: the node process receives itself (multi-process tests ask for more).
+        "node": {"port": 0, "data_dir": str(tmp_path / "data"), "min_free_mb": 1, "receivers": 1},
         "peers": [{"ae_title": "STORESCU", "hosts": ["127.0.0.1"]}, {"ae_title": "ECHOSCU"},
                   {"ae_title": "PYNETDICOM"}],
         "assembly": {"quiet_period_s": 0.5, "release_grace_s": 0.1},

@@ -559,3 +559,25 @@ def test_deflated_parse_stops_inflating_at_the_limit() -> None:
     parse_received(raw, DeflatedExplicitVRLittleEndian, max_inflated=size)
     with pytest.raises(OutOfResources, match="max_instance_mb"):
         parse_received(raw, DeflatedExplicitVRLittleEndian, max_inflated=size - 1)
+
+
+@pytest.mark.parametrize(("sop_class", "sop_instance", "message_id"), [
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.8.498.1", 1),  # odd lengths: padded
+    ("1.2.840.10008.5.1.4.1.1.4", "1.2.826.0.1.3680043.8.498.12", 65535),  # even lengths
+])
+def test_hand_encoded_c_store_success_equals_pynetdicoms(sop_class: str, sop_instance: str, message_id: int) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dicomnode.transport import c_store_success_command
+
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = message_id
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.AffectedSOPInstanceUID = sop_instance
+    primitive.Status = 0x0000
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    (pdata,) = list(message.encode_msg(7, 16384))
+    expected = b"\x03" + c_store_success_command(sop_class, message_id, sop_instance)
+    assert pdata.presentation_data_value_list == [(7, expected)]
