@@ -161,8 +161,8 @@ def test_ctrl_c_during_an_analysis_stops_the_node_and_its_workers_quietly(tmp_pa
     """Ctrl-C in a terminal sends SIGINT to the whole process group: each worker process used to
     die mid-job with a KeyboardInterrupt traceback. The node alone decides when its workers stop."""
     port = free_port()
-    config_path, data = write_config(tmp_path, node={"port": port}, jobs={"workers": 1, "worker_kind": "process"},
-                                     assembly={"quiet_period_s": 0.3})
+    config_path, data = write_config(tmp_path, node={"port": port, "receivers": 2},
+                                     jobs={"workers": 1, "worker_kind": "process"}, assembly={"quiet_period_s": 0.3})
     proc = start_serving(config_path, port, new_session=True)
     files = write_series(ct_series(60, 256, 256, seed="ctrl-c"), tmp_path / "series")
     try:
