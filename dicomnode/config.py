@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from dicomnode.errors import ConfigError
-from dicomnode.models.qc import QcSettings
+from dicomnode.models.qc_settings import QcSettings
 
 ADMIN_TOKEN_ENV = "DICOMNODE_ADMIN_TOKEN"
 CONFIG_ENV = "DICOMNODE_CONFIG"
