@@ -6,6 +6,7 @@ pool and its own row in ``nodes``; threads released together by a barrier make t
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -251,3 +252,51 @@ def test_processes_list_alive_stopped_and_dead(ledgers: Factory) -> None:
     _silence(dead, 30 * 86400)
     alive.prune(keep_s=86400)
     assert dead.process_id not in {p.process_id for p in alive.processes(recent_s=10**9)}
+
+
+def test_the_receivers_sqlite_rows_are_those_of_the_sqlalchemy_path(tmp_path: Path) -> None:
+    """On SQLite the receiver's rows are written with plain sqlite3 statements (the hot path); they
+    must leave exactly the rows, and give exactly the outcomes, of the SQLAlchemy Core path that
+    PostgreSQL keeps: new series, several associations, duplicates (same and other series),
+    announced counts, and a late image that reopens a handed-on series."""
+    fast, core = (Ledger(f"sqlite:///{tmp_path / name}") for name in ("fast.sqlite3", "core.sqlite3"))
+    for ledger in (fast, core):
+        ledger.register_process("serve", "node0", "host:1:fixed")
+
+    def core_record(item: StoredInstance) -> RecordOutcome:
+        with core.write_transaction() as conn:
+            return core._record_core(conn, item, core.now(conn))
+
+    items = [
+        instance("1.2.3.60", 1, "A"), instance("1.2.3.60", 2, "A"), instance("1.2.3.60", 3, "B"),
+        instance("1.2.3.60", 2, "B"),  # duplicate, same series
+        instance("1.2.3.61", 1, "B"),
+    ]
+    # the same SOP Instance under another series
+    items.append(dataclasses.replace(instance("1.2.3.62", 1, "C"), sop_instance_uid="1.2.3.60.1"))
+    items += [dataclasses.replace(instance("1.2.3.63", n, "C"), images_in_acquisition=3, body_part="CHEST",
+                                  series_description="axial", image_type="ORIGINAL\\PRIMARY")
+              for n in (1, 2, 3)]
+    outcomes_fast = [fast.record_instance(item) for item in items]
+    outcomes_core = [core_record(item) for item in items]
+    for ledger in (fast, core):  # the series is handed on; a late image opens epoch 2
+        with ledger.transaction() as conn:
+            conn.execute(sa.text("UPDATE series SET state = 'queued' WHERE series_instance_uid = '1.2.3.60'"))
+    late = [instance("1.2.3.60", 4, "D"), instance("1.2.3.60", 5, "D")]
+    outcomes_fast += [fast.record_instance(item) for item in late]
+    outcomes_core += [core_record(item) for item in late]
+
+    assert outcomes_fast == outcomes_core
+    assert [o.new for o in outcomes_fast] == [True, True, True, False, True, False, True, True, True, True, True]
+    assert outcomes_fast[8].expected_reached and outcomes_fast[9].reopened and outcomes_fast[9].epoch == 2
+
+    def dump(ledger: Ledger) -> dict[str, list[tuple[Any, ...]]]:
+        with ledger.transaction() as conn:
+            return {table: [tuple(row) for row in conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY 1, 2"))]
+                    for table in ("instances", "series", "associations", "association_series")}
+
+    rows_fast, rows_core = dump(fast), dump(core)
+    assert rows_fast == rows_core
+    assert len(rows_fast["instances"]) == 9 and len(rows_fast["associations"]) == 4
+    fast.close()
+    core.close()
