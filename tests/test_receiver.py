@@ -581,3 +581,75 @@ def test_hand_encoded_c_store_success_equals_pynetdicoms(sop_class: str, sop_ins
     (pdata,) = list(message.encode_msg(7, 16384))
     expected = b"\x03" + c_store_success_command(sop_class, message_id, sop_instance)
     assert pdata.presentation_data_value_list == [(7, expected)]
+
+
+def _c_store_rq_command(**fields: object) -> bytes:
+    """A C-STORE-RQ command set as pynetdicom encodes it."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    primitive = C_STORE()
+    for name, value in fields.items():
+        setattr(primitive, name, value)
+    primitive.DataSet = BytesIO(b"\x08\x00\x16\x00\x00\x00\x00\x00")
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    pdvs = [pdv for pdata in message.encode_msg(1, 16384) for pdv in pdata.presentation_data_value_list]
+    assert pdvs[0][1][0] == 0x03  # the command, whole in one fragment
+    return bytes(pdvs[0][1][1:])
+
+
+@pytest.mark.parametrize(("sop_class", "sop_instance", "message_id", "priority"), [
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.8.498.1", 1, 2),  # odd lengths: padded
+    ("1.2.840.10008.5.1.4.1.1.4", "1.2.826.0.1.3680043.8.498.12", 65535, 1),  # even lengths
+    ("1.2.840.10008.5.1.4.1.1.7", "2.25.0", 0, 0),
+])
+def test_hand_decoded_c_store_request_equals_pynetdicoms(
+    sop_class: str, sop_instance: str, message_id: int, priority: int
+) -> None:
+    from pydicom.filebase import DicomBytesIO
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dsutils import decode
+
+    from dicomnode.transport import decode_c_store_request
+
+    command = _c_store_rq_command(MessageID=message_id, Priority=priority, AffectedSOPClassUID=sop_class,
+                                  AffectedSOPInstanceUID=sop_instance)
+    ours = decode_c_store_request(command)
+    message = C_STORE_RQ()
+    message.command_set = decode(DicomBytesIO(command), True, True)
+    theirs = message.message_to_primitive()
+    assert ours is not None
+    for field in ("MessageID", "Priority", "AffectedSOPClassUID", "AffectedSOPInstanceUID",
+                  "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert type(ours.AffectedSOPInstanceUID) is type(theirs.AffectedSOPInstanceUID)
+
+
+def test_anything_but_a_plain_c_store_request_is_left_to_pynetdicom() -> None:
+    from dicomnode.transport import decode_c_store_request
+
+    plain = dict(MessageID=3, Priority=2, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.2",
+                 AffectedSOPInstanceUID="1.2.3.4")
+    assert decode_c_store_request(_c_store_rq_command(**plain)) is not None
+    moved = _c_store_rq_command(**plain, MoveOriginatorApplicationEntityTitle="MOVER", MoveOriginatorMessageID=9)
+    assert decode_c_store_request(moved) is None  # Move Originator fields: pynetdicom's path
+    command = _c_store_rq_command(**plain)
+
+    def patched(old: bytes, new: bytes) -> bytes:
+        assert old in command
+        body = command[12:].replace(old, new)
+        return command[:8] + struct.pack("<I", len(body)) + body
+
+    assert decode_c_store_request(patched(b"1.2.3.4\x00", b"1.02.3.4")) is None  # not a valid UID
+    assert decode_c_store_request(patched(b"1.2.3.4\x00", b"1.2..3.\x00")) is None
+
+    def us(element: int, value: int) -> bytes:
+        return struct.pack("<HHIH", 0x0000, element, 2, value)
+
+    assert decode_c_store_request(patched(us(0x0700, 2), us(0x0700, 7))) is None  # priority 7
+    assert decode_c_store_request(patched(us(0x0800, 1), us(0x0800, 0x0101))) is None  # no data set
+    assert decode_c_store_request(command[:-3]) is None  # truncated
+    assert decode_c_store_request(command[:8] + b"\x00\x00\x00\x00" + command[12:]) is None  # group length
+    echo = patched(us(0x0100, 0x0001), us(0x0100, 0x0030))
+    assert decode_c_store_request(echo) is None  # C-ECHO-RQ command field
