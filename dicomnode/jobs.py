@@ -16,6 +16,7 @@ unexpected (a bug, a worker process that died) is retried up to ``max_attempts``
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -279,6 +280,23 @@ def _watch_parent(parent_pid: int, interval_s: float = 0.5) -> None:
             os._exit(1)
 
 
+class _OwnGroupSpawnProcess(multiprocessing.context.SpawnProcess):
+    """A spawned worker in a process group of its own, from its first instruction on: Ctrl-C in a
+    terminal signals the foreground group, and a worker still importing would print a traceback.
+    The node stops its workers itself; PR_SET_PDEATHSIG does not depend on the group."""
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        popen = multiprocessing.context.SpawnProcess._Popen(process_obj)
+        with contextlib.suppress(OSError):  # already exited: nothing to move
+            os.setpgid(popen.pid, popen.pid)
+        return popen
+
+
+class _OwnGroupSpawnContext(multiprocessing.context.SpawnContext):
+    Process = _OwnGroupSpawnProcess
+
+
 def _worker_init(parent_pid: int, initializer: Callable[..., None] | None, args: tuple[Any, ...]) -> None:
     # Ctrl-C in a terminal signals the whole process group: the node stops its workers itself
     # (pool shutdown), rather than each worker dying mid-job with a KeyboardInterrupt traceback.
@@ -338,7 +356,7 @@ class LocalExecutor:
     def _new_pool(self) -> cf.ProcessPoolExecutor:
         pool = cf.ProcessPoolExecutor(
             max_workers=self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=_OwnGroupSpawnContext(),
             initializer=_worker_init,
             initargs=(os.getpid(), self._initializer, self._initargs),
         )

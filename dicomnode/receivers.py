@@ -282,6 +282,7 @@ class ReceiverPool:
         process = subprocess.Popen(
             [sys.executable, "-m", "dicomnode.receivers"], pass_fds=fds,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+            process_group=0,  # Ctrl-C signals the terminal's group: the node stops its receivers itself
         )
         child.process = process
         child.process_id = f"{socket.gethostname()[:60]}:{process.pid}:{uuid.uuid4().hex[:8]}"
