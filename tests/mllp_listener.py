@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procs import stop_process
+
 ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
 
 
@@ -146,15 +148,7 @@ class MllpListener:
         return {"kind": "hl7", "host": "127.0.0.1", "port": self.port, "timeout_s": 2.0, **extra}
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        stop_process(self.process)
 
 
 if __name__ == "__main__":

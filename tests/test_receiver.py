@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import NodeFactory, RunningNode, run_dcmtk, store_successes, storescu
+from hostile import raw_c_store
 from pki import make_pki
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_preamble
@@ -265,38 +266,6 @@ def test_peer_added_at_runtime_accepted_on_next_association(running_node: Runnin
 # --- bad input -----------------------------------------------------------------------------------
 
 
-def _send_raw(port: int, sop_class: str, sop_instance: str, payload: bytes,
-              syntax: str = ExplicitVRLittleEndian) -> Dataset:
-    """Send arbitrary data set bytes in a C-STORE-RQ (no encoding by pynetdicom)."""
-    ae = AE(ae_title="PYNETDICOM")
-    ae.add_requested_context(sop_class, [syntax])
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
-    assert assoc.is_established
-    try:
-        req = C_STORE()
-        req.MessageID = 1
-        req.AffectedSOPClassUID = sop_class
-        req.AffectedSOPInstanceUID = sop_instance
-        req.Priority = 2
-        req.DataSet = BytesIO(payload)
-        context = assoc._get_valid_context(sop_class, syntax, "scu")
-        # Pause the association reactor, as pynetdicom's own send_c_store does, so the response
-        # comes to us rather than to the reactor.
-        assoc._reactor_checkpoint.clear()
-        while not assoc._is_paused:
-            time.sleep(0.0001)
-        assoc.dimse.send_msg(req, context.context_id)
-        _, rsp = assoc.dimse.get_msg(block=True)
-        assoc._reactor_checkpoint.set()
-        assert rsp is not None, "no C-STORE response"
-        status = Dataset()
-        status.Status = rsp.Status
-        status.ErrorComment = getattr(rsp, "ErrorComment", "") or ""
-        return status
-    finally:
-        assoc.release()
-
-
 def _encode(ds: Dataset) -> bytes:
     from pydicom.filebase import DicomBytesIO
 
@@ -307,7 +276,7 @@ def _encode(ds: Dataset) -> bytes:
 
 
 def test_garbage_dataset_is_cannot_understand(running_node: RunningNode) -> None:
-    status = _send_raw(running_node.port, CTImageStorage, "1.2.3.4", b"\x08\x00\x16\x00garbage" * 10)
+    status = raw_c_store(running_node.port, CTImageStorage, "1.2.3.4", b"\x08\x00\x16\x00garbage" * 10)
     assert 0xC000 <= status.Status <= 0xCFFF
     assert status.ErrorComment
     assert running_node.ledger.count_instances() == 0
@@ -315,7 +284,7 @@ def test_garbage_dataset_is_cannot_understand(running_node: RunningNode) -> None
 
 def test_truncated_dataset_is_cannot_understand(running_node: RunningNode) -> None:
     ds = ct_series(1, seed="truncated")[0]
-    status = _send_raw(running_node.port, CTImageStorage, ds.SOPInstanceUID, _encode(ds)[:-100])
+    status = raw_c_store(running_node.port, CTImageStorage, ds.SOPInstanceUID, _encode(ds)[:-100])
     assert 0xC000 <= status.Status <= 0xCFFF, status
     assert "truncated" in status.ErrorComment
     assert running_node.ledger.count_instances() == 0
@@ -324,11 +293,11 @@ def test_truncated_dataset_is_cannot_understand(running_node: RunningNode) -> No
 def test_sop_class_mismatch_is_a900(running_node: RunningNode) -> None:
     ds = ct_series(1, seed="mismatch")[0]
     ds.Modality = "MR"
-    status = _send_raw(running_node.port, CTImageStorage, ds.SOPInstanceUID, _encode(ds))
+    status = raw_c_store(running_node.port, CTImageStorage, ds.SOPInstanceUID, _encode(ds))
     assert status.Status == 0xA900
     assert "Modality" in status.ErrorComment
     ds = ct_series(1, seed="mismatch2")[0]
-    status = _send_raw(running_node.port, CTImageStorage, "1.2.3.999", _encode(ds))
+    status = raw_c_store(running_node.port, CTImageStorage, "1.2.3.999", _encode(ds))
     assert status.Status == 0xA900 and "SOPInstanceUID" in status.ErrorComment
 
 
@@ -348,7 +317,7 @@ def test_missing_or_invalid_uids_refused(running_node: RunningNode, keyword: str
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the invalid value is the point of the test
             setattr(ds, keyword, value)
-    status = _send_raw(running_node.port, CTImageStorage, ds.SOPInstanceUID, _encode(ds))
+    status = raw_c_store(running_node.port, CTImageStorage, ds.SOPInstanceUID, _encode(ds))
     assert status.Status == expected, status
     assert running_node.ledger.count_instances() == 0
     assert not list((running_node.node.spool.root / "instances").rglob("*.dcm"))
@@ -567,7 +536,6 @@ def test_deflated_parse_stops_inflating_at_the_limit() -> None:
 ])
 def test_hand_encoded_c_store_success_equals_pynetdicoms(sop_class: str, sop_instance: str, message_id: int) -> None:
     from pynetdicom.dimse_messages import C_STORE_RSP
-    from pynetdicom.dimse_primitives import C_STORE
 
     from dicomnode.transport import c_store_success_command
 
@@ -586,7 +554,6 @@ def test_hand_encoded_c_store_success_equals_pynetdicoms(sop_class: str, sop_ins
 def _c_store_rq_command(**fields: object) -> bytes:
     """A C-STORE-RQ command set as pynetdicom encodes it."""
     from pynetdicom.dimse_messages import C_STORE_RQ
-    from pynetdicom.dimse_primitives import C_STORE
 
     primitive = C_STORE()
     for name, value in fields.items():

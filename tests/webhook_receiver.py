@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procs import stop_process
+
 
 def make_app(secret: str, record: Path, script: list[str], default: str, window: float) -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -141,15 +143,7 @@ class WebhookReceiver:
         return {"kind": "webhook", "url": self.url, "secret": self.secret, "timeout_s": 2.0, **extra}
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        stop_process(self.process)
 
 
 if __name__ == "__main__":
