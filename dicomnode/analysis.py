@@ -23,7 +23,6 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicomnode.assembly import close_epoch_if_done
 from dicomnode.audit import Audit
 from dicomnode.config import AnalysisSettings
 from dicomnode.domain import (
@@ -560,7 +559,6 @@ class AnalyzeHandler:
                            seconds=o.duration_s)
         if self.notifier is not None:
             self.notifier.announce(events)
-        close_epoch_if_done(self.ledger, job.series_instance_uid, job.epoch)
         self.queue.on_enqueued()
 
     def on_failed(self, job: JobRow) -> None:
@@ -570,7 +568,6 @@ class AnalyzeHandler:
             with self.ledger.transaction() as conn:
                 events = self.notifier.record_dead_analysis(conn, current)
             self.notifier.announce(events)
-        close_epoch_if_done(self.ledger, job.series_instance_uid, job.epoch)
 
 
 def _json(value: Any) -> str:

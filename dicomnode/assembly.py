@@ -157,10 +157,3 @@ class Assembly:
         self.queue.audit.log("series." + state.value, series_instance_uid=row.series_instance_uid,
                              epoch=row.epoch, note=note)
         return Completion(row.series_instance_uid, row.epoch, state.value, rule)
-
-
-def close_epoch_if_done(ledger: Ledger, series_uid: str, epoch: int) -> bool:
-    """After a job of the epoch ended: the series is DONE when none of its jobs is still open.
-    The executors call this after every job of every kind (see ``jobs.end_attempt``)."""
-    return ledger.close_epoch_if_done(series_uid, epoch)
-

@@ -2,8 +2,9 @@
 
 A small 2D U-Net (Ronneberger et al., MICCAI 2015) segments bleed-like hyperdense lesions on
 axial head CT slices; the runtime turns its probability map into a series verdict from 3-D
-connected regions of at least the manifest's ``output.min_lesion_ml``, chosen here (see
-``choose_operating_point`` and ``dicomnode.models.torch_runtime``).
+connected regions of at least the manifest's ``output.min_lesion_ml`` that also span at least
+``output.min_lesion_extent_mm`` along the slices (agreement across adjacent slices), both chosen
+here (see ``choose_operating_point`` and ``dicomnode.models.torch_runtime``).
 
 Data. The only real normal head CT available here is the one of Debian ``invesalius-examples``
 (108 axial slices, 0.957 mm pixels, 1.5 mm slices). pydicom-data holds one further real head CT
@@ -502,15 +503,22 @@ def proportion(successes: int, n: int) -> dict[str, Any]:
     }
 
 
-OPERATING_POINTS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)  # candidate min_lesion_ml values
+MIN_VOLUMES_ML = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)  # candidate output.min_lesion_ml
+MIN_EXTENTS_MM = (0.0, 3.0, 4.0, 6.0)  # candidate output.min_lesion_extent_mm
+# (min_lesion_ml, min_lesion_extent_mm): every candidate operating point of the series decision
+OPERATING_POINTS = tuple((ml, mm) for mm in MIN_EXTENTS_MM for ml in MIN_VOLUMES_ML)
 
 
-def verdict(components: list[tuple[float, float]], min_ml: float, threshold: float = THRESHOLD) -> tuple[bool, float]:
-    """The runtime's series decision (OutputSpec.min_lesion_ml) for one operating point."""
+def verdict(
+    components: list[list[float]], point: tuple[float, float], threshold: float = THRESHOLD
+) -> tuple[bool, float]:
+    """The runtime's series decision (OutputSpec.min_lesion_ml, min_lesion_extent_mm) at one
+    operating point, from the regions ``[volume_ml, score, extent_mm]`` of one series."""
+    min_ml, min_mm = point
     probability = 0.0
-    for volume_ml, score in components:
-        scaled = score if volume_ml >= min_ml else score * (volume_ml / min_ml) * threshold
-        probability = max(probability, scaled)
+    for volume_ml, score, extent_mm in components:
+        fraction = min(volume_ml / min_ml, extent_mm / min_mm if min_mm > 0 else 1.0)
+        probability = max(probability, score if fraction >= 1.0 else score * fraction * threshold)
     return probability >= threshold, probability
 
 
@@ -524,7 +532,7 @@ def judge(analyzer: Any, series: Series, tag: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "present": bool(finding.present),
         "probability": float(finding.probability or 0.0),
-        "components": [[c.volume_ml, round(c.score, 4)] for c in prediction.components[0]],
+        "components": [[c.volume_ml, round(c.score, 4), c.extent_mm] for c in prediction.components[0]],
     }
     if truth is not None:
         mask = finding.mask.array if finding.mask is not None else np.zeros(truth.shape, dtype=bool)
@@ -535,13 +543,16 @@ def judge(analyzer: Any, series: Series, tag: str) -> dict[str, Any]:
 def positive_cases(hu: npt.NDArray[np.float32], spacing: tuple[float, float, float], cands: npt.NDArray[np.bool_],
                    rng: np.random.Generator, count: int,
                    ) -> Iterator[tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], float]]:
-    """``count`` (pixels, truth, lesion ml) with one synthetic lesion each (radii 4-10 mm)."""
+    """``count`` (pixels, truth, lesion ml) with one synthetic lesion each (radii 4-10 mm), wholly
+    inside the (sub-)series: a lesion cut by the first or last slice of a held-out block would be
+    counted at its cut volume while showing the cross-section of a bigger one (in the first
+    cross-validation, 64 of 112 lesions >= 0.5 mL were cut so, and were found 63/64 against 45/48)."""
     made = 0
     tries = 0
-    while made < count and tries < count * 5:
+    while made < count and tries < count * 20:
         tries += 1
         painted = add_lesion(hu, spacing, rng, cands, radius_mm=(4.0, 10.0))
-        if painted is None:
+        if painted is None or painted[1][0].any() or painted[1][-1].any():
             continue
         made += 1
         ml = float(painted[1].sum()) * float(np.prod(spacing)) / 1000.0
@@ -568,13 +579,14 @@ def evaluate_series_set(
 
 
 def operating_points(negatives: list[dict[str, Any]], positives: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """False-positive series and sensitivity (lesions >= TARGET_ML) at each candidate min_lesion_ml."""
+    """False-positive series and sensitivity (lesions >= TARGET_ML) at each candidate operating point."""
     rows = []
     target = [p for p in positives if p["ml"] >= TARGET_ML]
-    for min_ml in OPERATING_POINTS:
-        fp = sum(verdict(n["components"], min_ml)[0] for n in negatives)
-        tp = sum(verdict(p["components"], min_ml)[0] for p in target)
-        rows.append({"min_lesion_ml": min_ml, "false_positive_series": int(fp), "negative_series": len(negatives),
+    for point in OPERATING_POINTS:
+        fp = sum(verdict(n["components"], point)[0] for n in negatives)
+        tp = sum(verdict(p["components"], point)[0] for p in target)
+        rows.append({"min_lesion_ml": point[0], "min_lesion_extent_mm": point[1],
+                     "false_positive_series": int(fp), "negative_series": len(negatives),
                      "detected": int(tp), "lesions_ge_0.5ml": len(target)})
     return rows
 
@@ -633,27 +645,35 @@ def other_real_ct(analyzer: Any) -> dict[str, Any]:
 
 
 def run_fold(f: int, steps: int, positives_per_encoding: int, small_fraction: float = 0.0,
-             log: Callable[[str], None] = print, keep: Path | None = None) -> dict[str, Any]:
+             log: Callable[[str], None] = print, keep: Path | None = None,
+             trained: Path | None = None) -> dict[str, Any]:
     """Train fold ``f``'s model with the shipped recipe and judge it on its held-out blocks:
     ``{"fold", "train", "negatives", "positives"}`` (JSON-able, so folds can run in parallel
     processes, ``--fold``, and be joined later, ``--folds-from``). ``keep``: also keep the fold's
-    packaged model there (to judge another decision rule without retraining)."""
+    packaged model there; ``trained``: judge the model kept there instead of training (the same
+    weights: training is deterministic), e.g. after a change of the decision rule."""
     import tempfile
 
     from dicomnode.models.torch_runtime import load_model
 
     hu, spacing = load_cranium()
     train_idx, held = fold_split(hu.shape[0], FOLDS[f])
-    model, info = train(train_idx, steps, SEED + 100 + f, log=log, small_fraction=small_fraction)
     negs: list[dict[str, Any]] = []
     poss: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        package(model, folder)
+        if trained is None:
+            model, info = train(train_idx, steps, SEED + 100 + f, log=log, small_fraction=small_fraction)
+            package(model, folder)
+        else:
+            (folder / MODEL_FILE).write_bytes((trained / MODEL_FILE).read_bytes())
+            write_manifest(folder, hashlib.sha256((folder / MODEL_FILE).read_bytes()).hexdigest())
+            info = json.loads((trained / "train.json").read_text(encoding="utf-8"))
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
             for name in (MODEL_FILE, "manifest.toml"):
                 (keep / name).write_bytes((folder / name).read_bytes())
+            (keep / "train.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
         analyzer = load_model(folder, "cpu")
         for b, block in enumerate(held):
             result = evaluate_series_set(
@@ -716,26 +736,29 @@ def package(model: TinyUNet, out: Path) -> str:
     path = out / MODEL_FILE
     torch.export.save(program, str(path))
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    write_manifest(out, sha)
+    return sha
+
+
+def write_manifest(out: Path, sha: str) -> None:
+    """``out``'s manifest (or a copy of the shipped one) with the model file's sha256."""
     manifest = out / "manifest.toml"
     source = manifest if manifest.exists() else MODEL_DIR / "manifest.toml"
     text = source.read_text(encoding="utf-8")
     lines = [f'model_sha256 = "{sha}"' if line.startswith("model_sha256") else line for line in text.splitlines()]
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return sha
 
 
-def choose_operating_point(cross_validated: dict[str, Any], whole: dict[str, Any]) -> float:
-    """The operating point (min_lesion_ml): no false-positive series of the shipped model on the
-    whole real series in any encoding, a held-out sensitivity for lesions of at least TARGET_ML of
-    at least 0.95, and among those the fewest held-out false-positive series (then the smallest
-    volume). Falls back to the fewest held-out false positives when no point reaches 0.95."""
-    rows = list(zip(OPERATING_POINTS, cross_validated["operating_points"], whole["operating_points"], strict=True))
-    allowed = [(cv["false_positive_series"], min_ml) for min_ml, cv, shipped in rows
-               if shipped["false_positive_series"] == 0 and cv["detected"] >= 0.95 * cv["lesions_ge_0.5ml"]]
-    if not allowed:
-        allowed = [(cv["false_positive_series"] + shipped["false_positive_series"], min_ml)
-                   for min_ml, cv, shipped in rows]
-    return min(allowed)[1]
+def choose_operating_point(cross_validated: dict[str, Any], whole: dict[str, Any]) -> tuple[float, float]:
+    """The operating point (min_lesion_ml, min_lesion_extent_mm), in the goal's order: first no
+    false-positive series (the fewest held-out plus shipped-model whole-series false positives),
+    then the most held-out lesions of at least TARGET_ML found, then the most found by the shipped
+    model on the whole series, then the smallest volume and extent. Whether the sensitivity there
+    reaches 0.95 is reported (eval.json, MODEL_CARD.md), not assumed."""
+    rows = zip(OPERATING_POINTS, cross_validated["operating_points"], whole["operating_points"], strict=True)
+    ranked = [(cv["false_positive_series"] + shipped["false_positive_series"], -cv["detected"],
+               -shipped["detected"], point) for point, cv, shipped in rows]
+    return min(ranked)[3]
 
 
 def cross_validation_from_series(raw: dict[str, Any]) -> dict[str, Any]:
@@ -752,10 +775,15 @@ def cross_validation_from_series(raw: dict[str, Any]) -> dict[str, Any]:
     return {"folds": folds, "pooled": summarise(raw["negatives"], raw["positives"])}
 
 
-def set_manifest_min_lesion(folder: Path, min_ml: float) -> None:
+def set_manifest_operating_point(folder: Path, point: tuple[float, float]) -> None:
     manifest = folder / "manifest.toml"
-    lines = [f"min_lesion_ml = {min_ml:g}" if line.startswith("min_lesion_ml") else line
-             for line in manifest.read_text(encoding="utf-8").splitlines()]
+    values = {"min_lesion_ml": point[0], "min_lesion_extent_mm": point[1]}
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    for key, value in values.items():
+        found = [i for i, line in enumerate(lines) if line.split("=")[0].strip() == key]
+        if not found:
+            raise ValueError(f"{manifest}: no {key} line under [output]")
+        lines[found[0]] = f"{key} = {value:g}"
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -776,6 +804,8 @@ def main() -> None:
                         "write its series to --fold-out (run the folds as parallel processes)")
     parser.add_argument("--fold-out", type=Path, help="where --fold writes its result (JSON)")
     parser.add_argument("--fold-model-out", type=Path, help="with --fold: keep the fold's model in this folder")
+    parser.add_argument("--fold-model-in", type=Path,
+                        help="with --fold: judge the model kept there by --fold-model-out instead of training")
     parser.add_argument("--folds-from", type=Path, nargs="+",
                         help="join these --fold results instead of training the folds here")
     parser.add_argument("--cv-series", type=Path, default=CV_SERIES,
@@ -787,7 +817,8 @@ def main() -> None:
     if args.fold is not None:
         if args.fold_out is None:
             parser.error("--fold needs --fold-out")
-        result = run_fold(args.fold, args.steps, args.positives, args.small_lesions, keep=args.fold_model_out)
+        result = run_fold(args.fold, args.steps, args.positives, args.small_lesions, keep=args.fold_model_out,
+                          trained=args.fold_model_in)
         args.fold_out.parent.mkdir(parents=True, exist_ok=True)
         args.fold_out.write_text(json.dumps(result) + "\n", encoding="utf-8")
         return
@@ -817,13 +848,13 @@ def main() -> None:
         cv_series.parent.mkdir(parents=True, exist_ok=True)
         cv_series.write_text(json.dumps(raw_cv) + "\n", encoding="utf-8")
         evaluation["cross_validation"] = cv
-    # The operating point: the smallest minimum lesion volume with no false-positive series on
-    # the cross-validated negatives and on the shipped model's whole-series negatives.
-    set_manifest_min_lesion(args.out, OPERATING_POINTS[0])
+    # The operating point (choose_operating_point) from the held-out series and the shipped
+    # model's whole series, judged first with the loosest rule so that every region is recorded.
+    set_manifest_operating_point(args.out, (MIN_VOLUMES_ML[0], 0.0))  # every region found
     whole = shipped_whole_series(args.out, args.shipped_positives)
     chosen = choose_operating_point(evaluation["cross_validation"]["pooled"], whole)
-    set_manifest_min_lesion(args.out, chosen)
-    evaluation["min_lesion_ml"] = chosen
+    set_manifest_operating_point(args.out, chosen)
+    evaluation["min_lesion_ml"], evaluation["min_lesion_extent_mm"] = chosen
     evaluation["shipped_whole_series"] = shipped_whole_series(args.out, args.shipped_positives)
     evaluation["positives_per_encoding"] = {"cross_validation_per_block": args.positives,
                                             "shipped_whole_series": args.shipped_positives}
@@ -834,9 +865,9 @@ def main() -> None:
     print(json.dumps({k: v for k, v in evaluation.items() if k != "cross_validation"}, indent=2)[:4000])
 
 
-def at_operating_point(raw: dict[str, Any], min_ml: float) -> dict[str, Any]:
-    negatives = [{**n, "present": verdict(n["components"], min_ml)[0]} for n in raw["negatives"]]
-    positives = [{**p, "present": verdict(p["components"], min_ml)[0]} for p in raw["positives"]]
+def at_operating_point(raw: dict[str, Any], point: tuple[float, float]) -> dict[str, Any]:
+    negatives = [{**n, "present": verdict(n["components"], point)[0]} for n in raw["negatives"]]
+    positives = [{**p, "present": verdict(p["components"], point)[0]} for p in raw["positives"]]
     target = [p for p in positives if p["ml"] >= TARGET_ML]
     by_encoding = {}
     for name in ENCODINGS:
@@ -844,7 +875,8 @@ def at_operating_point(raw: dict[str, Any], min_ml: float) -> dict[str, Any]:
         by_encoding[name] = {"negatives_flagged": sum(n["present"] for n in negatives if n["encoding"] == name),
                              "detected": sum(p["present"] for p in enc), "lesions": len(enc)}
     return {
-        "min_lesion_ml": min_ml,
+        "min_lesion_ml": point[0],
+        "min_lesion_extent_mm": point[1],
         "specificity": proportion(sum(not n["present"] for n in negatives), len(negatives)),
         "sensitivity_lesions_ge_0.5ml": proportion(sum(p["present"] for p in target), len(target)),
         "by_encoding": by_encoding,

@@ -21,13 +21,11 @@ import json
 import os
 import signal
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from procs import stop_process
+from procs import RecordingReceiver
 
 ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
 
@@ -108,47 +106,25 @@ def main() -> None:
     asyncio.run(_serve(parser.parse_args()))
 
 
-class MllpListener:
+class MllpListener(RecordingReceiver):
     """The listener as a child process of a test; ``stop()`` ends it (and it ends with the test)."""
+
+    kind = "MLLP listener"
 
     def __init__(self, folder: Path, script: list[str] = (), default: str = "AA",  # type: ignore[assignment]
                  tls: tuple[Path, Path, Path | None] | None = None, port: int = 0) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.record = folder / f"mllp-{time.monotonic_ns()}.jsonl"
-        self.record.touch()
-        command = [sys.executable, __file__, "--record", str(self.record), "--script", ",".join(script),
-                   "--default", default, "--port", str(port)]
+        command = [__file__, "--script", ",".join(script), "--default", default, "--port", str(port)]
         if tls is not None:
             command += ["--cert", str(tls[0]), "--key", str(tls[1])]
             if tls[2] is not None:
                 command += ["--ca", str(tls[2])]
-        self.log = self.record.with_suffix(".log")
-        with self.log.open("wb") as log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.startswith("LISTENING"):
-            self.stop()
-            raise AssertionError(f"MLLP listener did not start: {line}{self.log.read_text()}")
-        self.port = int(line.split()[1])
+        super().__init__(folder, "mllp", command)
 
     def messages(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.record.read_text(encoding="utf-8").splitlines() if line]
-
-    def wait_for(self, count: int, timeout: float = 60) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.messages()
-            if len(got) >= count:
-                return got
-            time.sleep(0.05)
-        raise AssertionError(f"MLLP listener got {len(self.messages())} messages, expected {count}")
+        return self.entries()
 
     def channel(self, **extra: Any) -> dict[str, Any]:
         return {"kind": "hl7", "host": "127.0.0.1", "port": self.port, "timeout_s": 2.0, **extra}
-
-    def stop(self) -> None:
-        stop_process(self.process)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -78,3 +79,42 @@ def stop_process(process: subprocess.Popen[Any]) -> None:
             process.wait()
     if process.stdout is not None:
         process.stdout.close()
+
+
+class RecordingReceiver:
+    """A test peer run as a child process that prints ``LISTENING <port>`` once bound and
+    records each request as one JSON line in ``self.record``; ``stop()`` ends it."""
+
+    kind = "receiver"  # what it receives, for messages
+
+    def __init__(self, folder: Path, prefix: str, command: list[str]) -> None:
+        import sys
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.record = folder / f"{prefix}-{time.monotonic_ns()}.jsonl"
+        self.record.touch()
+        self.log = self.record.with_suffix(".log")
+        with self.log.open("wb") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen([sys.executable, *command, "--record", str(self.record)],
+                                            stdout=subprocess.PIPE, stderr=log, text=True)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.startswith("LISTENING"):
+            self.stop()
+            raise AssertionError(f"{prefix} did not start: {line}{self.log.read_text()}")
+        self.port = int(line.split()[1])
+
+    def entries(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.record.read_text(encoding="utf-8").splitlines() if line]
+
+    def wait_for(self, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.entries()
+            if len(got) >= count:
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"{self.kind} got {len(self.entries())} entries, expected {count}")
+
+    def stop(self) -> None:
+        stop_process(self.process)

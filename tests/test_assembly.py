@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dicomnode.assembly import Assembly, close_epoch_if_done, due_time
+from dicomnode.assembly import Assembly, due_time
 from dicomnode.audit import Audit
 from dicomnode.config import parse_config
 from dicomnode.domain import JobKind, JobState, SeriesState, StoredInstance
@@ -57,7 +57,7 @@ def test_epochs_follow_new_instances_and_duplicates_never_trigger_work(tmp_path_
                             claimed = ledger.claim([JobKind.ANALYZE], "t", 60)
                             assert claimed is not None and claimed.id == job.id
                             ledger.finish_job(conn, job.id, "t", JobState.SUCCEEDED)
-                    close_epoch_if_done(ledger, c.series_instance_uid, c.epoch)
+                    ledger.close_epoch_if_done(c.series_instance_uid, c.epoch)  # as JobQueue.job_ended does
                 for s in new_since_processing:
                     new_since_processing[s] = False
                 continue

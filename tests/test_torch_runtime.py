@@ -520,6 +520,40 @@ def test_a_minimum_lesion_volume_decides_the_series_in_3d(tmp_path: Path) -> Non
     assert sorted(c.kept for c in components) == [False, True]
 
 
+def test_a_minimum_extent_across_slices_rejects_flat_spots_but_not_thick_slices(tmp_path: Path) -> None:
+    """output.min_lesion_extent_mm: a region must also span that distance along the slice axis.
+    A flat 0.4 mL spot on one 2 mm slice does not count; the same spot over two slices (4 mm)
+    does, and so does one slice of a 5 mm series: a thick slice is itself 5 mm of patient."""
+    folder = write_model(tmp_path / "m", Bright(), batch=64, extra="")
+    text = (folder / "manifest.toml").read_text()
+    (folder / "manifest.toml").write_text(
+        text.replace("top_k = 1", "top_k = 1\nmin_lesion_ml = 0.1\nmin_lesion_extent_mm = 4")
+    )
+    analyzer = load_model(folder)
+    flat = np.full((10, 64, 64), 30.0, dtype=np.float32)
+    flat[4, 10:30, 10:30] = 200.0  # 400 mm2 x 2 mm = 0.8 ml, but 2 mm deep
+    two_slices = flat.copy()
+    two_slices[5] = flat[4]
+
+    negative = analyzer.analyze(volume(flat))
+    assert negative.findings[0].present is False and negative.findings[0].mask is None
+    assert 0 < (negative.findings[0].probability or 0.0) < 0.5  # scaled by 2 mm / 4 mm
+    (components,) = analyzer.predict(volume(flat)).components
+    assert [(c.kept, c.extent_mm) for c in components] == [(False, 2.0)]
+
+    assert analyzer.analyze(volume(two_slices)).findings[0].present is True
+    thick = analyzer.analyze(volume(flat, spacing=(5.0, 1.0, 1.0)))
+    assert thick.findings[0].present is True and thick.priority is Priority.STAT
+
+
+def test_min_lesion_extent_needs_the_3d_region_decision(tmp_path: Path) -> None:
+    folder = write_model(tmp_path / "m", Bright(), batch=64, extra="")
+    text = (folder / "manifest.toml").read_text()
+    (folder / "manifest.toml").write_text(text.replace("top_k = 1", "top_k = 1\nmin_lesion_extent_mm = 4"))
+    with pytest.raises(ManifestError, match="min_lesion_extent_mm: needs min_lesion_ml"):
+        load_manifest(folder)
+
+
 def test_the_worked_example_of_docs_models_md_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/models.md's export example, run as written: export, manifest, config, verdict."""
     import re

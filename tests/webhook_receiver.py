@@ -23,13 +23,11 @@ import hmac
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from procs import stop_process
+from procs import RecordingReceiver
 
 
 def make_app(secret: str, record: Path, script: list[str], default: str, window: float) -> Any:
@@ -104,46 +102,23 @@ def main() -> None:
     asyncio.run(server.serve(sockets=[sock]))
 
 
-class WebhookReceiver:
+class WebhookReceiver(RecordingReceiver):
     """The receiver as a child process of a test; ``stop()`` ends it."""
+
+    kind = "webhook receiver"
 
     def __init__(self, folder: Path, secret: str, script: list[str] = (),  # type: ignore[assignment]
                  default: str = "200", window: float = 300.0, port: int = 0) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
         self.secret = secret
-        self.record = folder / f"webhook-{time.monotonic_ns()}.jsonl"
-        self.record.touch()
-        command = [sys.executable, __file__, "--secret", secret, "--record", str(self.record),
-                   "--script", ",".join(script), "--default", default, "--window", str(window),
-                   "--port", str(port)]
-        self.log = self.record.with_suffix(".log")
-        with self.log.open("wb") as log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.startswith("LISTENING"):
-            self.stop()
-            raise AssertionError(f"webhook receiver did not start: {line}{self.log.read_text()}")
-        self.port = int(line.split()[1])
+        super().__init__(folder, "webhook", [__file__, "--secret", secret, "--script", ",".join(script),
+                                             "--default", default, "--window", str(window), "--port", str(port)])
         self.url = f"http://127.0.0.1:{self.port}/hook"
 
     def requests(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.record.read_text(encoding="utf-8").splitlines() if line]
-
-    def wait_for(self, count: int, timeout: float = 60) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.requests()
-            if len(got) >= count:
-                return got
-            time.sleep(0.05)
-        raise AssertionError(f"webhook receiver got {len(self.requests())} requests, expected {count}")
+        return self.entries()
 
     def channel(self, **extra: Any) -> dict[str, Any]:
         return {"kind": "webhook", "url": self.url, "secret": self.secret, "timeout_s": 2.0, **extra}
-
-    def stop(self) -> None:
-        stop_process(self.process)
 
 
 if __name__ == "__main__":

@@ -197,6 +197,12 @@ class OutputSpec(_Strict):
     ``volume / min_lesion_ml x threshold`` so that it stays below the label's threshold. The series
     probability is the highest region score, and the mask keeps only the regions that count: a
     lone bright voxel on one slice no longer decides a series.
+
+    ``min_lesion_extent_mm`` adds agreement across adjacent slices: a region counts only when it
+    also spans at least this distance along the slice axis (slices it touches x slice spacing), so
+    a flat spot on one or two thin slices cannot decide a series while a single slice that is
+    itself that thick still can. A region failing either rule is scaled by the smaller of its two
+    fractions (volume / min_lesion_ml, extent / min_lesion_extent_mm).
     """
 
     kind: Literal["classification", "segmentation"]
@@ -205,6 +211,7 @@ class OutputSpec(_Strict):
     mask_threshold: float = Field(default=0.5, gt=0, lt=1)
     top_k: int = Field(default=1, ge=1)
     min_lesion_ml: float = Field(default=0.0, ge=0)
+    min_lesion_extent_mm: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _masks_need_codes(self) -> OutputSpec:
@@ -217,6 +224,8 @@ class OutputSpec(_Strict):
                     raise ValueError(f"labels[{i}]: segmentation labels need category and type")
         elif self.min_lesion_ml > 0:
             raise ValueError("min_lesion_ml: applies to segmentation models only")
+        if self.min_lesion_extent_mm > 0 and self.min_lesion_ml == 0:
+            raise ValueError("min_lesion_extent_mm: needs min_lesion_ml (the 3-D region decision)")
         return self
 
 
@@ -366,7 +375,13 @@ class Component:
 
     volume_ml: float
     score: float  # mean of the top_k probabilities inside the region
-    kept: bool  # large enough to count (volume >= min_lesion_ml)
+    kept: bool  # counts: volume >= min_lesion_ml and extent >= min_lesion_extent_mm
+    extent_mm: float = 0.0  # along the slice axis: slices it touches x slice spacing
+
+
+def _fraction(value: float, minimum: float) -> float:
+    """How far ``value`` reaches towards ``minimum`` (1 when there is no minimum)."""
+    return value / minimum if minimum > 0 else 1.0
 
 
 class TorchAnalyzer:
@@ -598,7 +613,7 @@ class TorchAnalyzer:
         components: tuple[tuple[Component, ...], ...] = ()
         if grid is not None:
             voxel_ml = spacing[0] * (rows * spacing[1] / target[0]) * (cols * spacing[2] / target[1]) / 1000.0
-            masks, probabilities, components = self._components(grid, voxel_ml, (rows, cols))
+            masks, probabilities, components = self._components(grid, voxel_ml, spacing[0], (rows, cols))
         else:
             assert masks is not None
             probabilities = slice_scores.max(axis=0)
@@ -614,7 +629,7 @@ class TorchAnalyzer:
         return interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
 
     def _components(
-        self, grid: npt.NDArray[np.float16], voxel_ml: float, source_hw: tuple[int, int]
+        self, grid: npt.NDArray[np.float16], voxel_ml: float, slice_mm: float, source_hw: tuple[int, int]
     ) -> tuple[list[npt.NDArray[np.bool_]], npt.NDArray[np.float32], tuple[tuple[Component, ...], ...]]:
         """Series decision from connected regions (``output.min_lesion_ml``), see OutputSpec.
 
@@ -641,10 +656,12 @@ class TorchAnalyzer:
                 values = prob[box][labels[box] == index].astype(np.float32)
                 volume_ml = float(values.size) * voxel_ml
                 score = float(np.sort(values)[-out.top_k :].mean())
-                kept = volume_ml >= out.min_lesion_ml
+                extent_mm = (box[0].stop - box[0].start) * slice_mm
+                fraction = min(volume_ml / out.min_lesion_ml, _fraction(extent_mm, out.min_lesion_extent_mm))
+                kept = fraction >= 1.0
                 keep[index] = kept
-                regions.append(Component(round(volume_ml, 4), score, kept))
-                scaled = score if kept else score * (volume_ml / out.min_lesion_ml) * label.threshold
+                regions.append(Component(round(volume_ml, 4), score, kept, round(extent_mm, 3)))
+                scaled = score if kept else score * fraction * label.threshold
                 probabilities[j] = max(probabilities[j], scaled)
             found.append(tuple(regions))
             mask = np.zeros((n, *source_hw), dtype=np.bool_)

@@ -33,29 +33,19 @@ def specs(settings: QcSettings) -> list[AnalyzerSpec]:
 
     return [
         AnalyzerSpec(
-            name=CtQc.name,
+            name=cls.name,
             version=VERSION,
             kind=AnalyzerKind.QC,
-            modalities=CtQc.modalities,
-            load=loader(CtQc),
-            description="CT: HU calibration, noise, missing slices, truncation, metal streaks",
-        ),
-        AnalyzerSpec(
-            name=MrQc.name,
-            version=VERSION,
-            kind=AnalyzerKind.QC,
-            modalities=MrQc.modalities,
-            load=loader(MrQc),
-            description="MR: SNR, CNR, EFC, FBER, ghosting along phase encoding, missing slices",
-        ),
-        AnalyzerSpec(
-            name=XrQc.name,
-            version=VERSION,
-            kind=AnalyzerKind.QC,
-            modalities=XrQc.modalities,
-            load=loader(XrQc),
-            description="CR/DX: exposure (EI/DI, saturation), blur, noise, collimation",
-        ),
+            modalities=cls.modalities,
+            load=loader(cls),
+            description=description,
+        )
+        for cls, description in _ANALYZERS
     ]
 
 
+_ANALYZERS: tuple[tuple[type[QcAnalyzer], str], ...] = (
+    (CtQc, "CT: HU calibration, noise, missing slices, truncation, metal streaks, motion"),
+    (MrQc, "MR: SNR, CNR, EFC, FBER, ghosting along phase encoding, missing slices"),
+    (XrQc, "CR/DX: exposure (EI/DI, saturation), blur, noise, collimation"),
+)
