@@ -39,6 +39,9 @@ Usage: ``nice -n 10 python scripts/train_demo_hyperdense.py [--steps N] [--skip-
 Folds in parallel (one process each, then join them; each fold uses the seeds of a serial run):
 ``train_demo_hyperdense.py --fold K --fold-out foldK.json`` for K = 0, 1, 2, then
 ``train_demo_hyperdense.py --folds-from fold0.json fold1.json fold2.json [--eval-only]``.
+Add ``--fold-model-out DIR`` to keep each fold's network; after a change of the decision rule or of
+the evaluation, ``--fold K --fold-model-in DIR --fold-out foldK.json`` judges the kept network
+again in a minute instead of retraining it (training is deterministic: the same weights).
 ``--small-lesions F`` paints a fraction F of the training lesions with radii of SMALL_RADIUS_MM
 (tried with F = 0.5 against the misses of 0.5-1 mL lesions: the model trained on all slices then
 finds 60/63 on the whole series with 0/13 false positives, but held out, fold 0 calls its skull-base
