@@ -517,10 +517,11 @@ def verdict(
 ) -> tuple[bool, float]:
     """The runtime's series decision (OutputSpec.min_lesion_ml, min_lesion_extent_mm) at one
     operating point, from the regions ``[volume_ml, score, extent_mm]`` of one series."""
-    min_ml, min_mm = point
+    from dicomnode.models.torch_runtime import region_fraction
+
     probability = 0.0
     for volume_ml, score, extent_mm in components:
-        fraction = min(volume_ml / min_ml, extent_mm / min_mm if min_mm > 0 else 1.0)
+        fraction = region_fraction(volume_ml, extent_mm, *point)
         probability = max(probability, score if fraction >= 1.0 else score * fraction * threshold)
     return probability >= threshold, probability
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,6 @@ class RecordingReceiver:
     kind = "receiver"  # what it receives, for messages
 
     def __init__(self, folder: Path, prefix: str, command: list[str]) -> None:
-        import sys
-
         folder.mkdir(parents=True, exist_ok=True)
         self.record = folder / f"{prefix}-{time.monotonic_ns()}.jsonl"
         self.record.touch()

@@ -379,9 +379,12 @@ class Component:
     extent_mm: float = 0.0  # along the slice axis: slices it touches x slice spacing
 
 
-def _fraction(value: float, minimum: float) -> float:
-    """How far ``value`` reaches towards ``minimum`` (1 when there is no minimum)."""
-    return value / minimum if minimum > 0 else 1.0
+def region_fraction(volume_ml: float, extent_mm: float, min_lesion_ml: float, min_lesion_extent_mm: float) -> float:
+    """How far a region reaches towards counting (OutputSpec): the smaller of volume / min_lesion_ml
+    and extent / min_lesion_extent_mm, each 1 when there is no such minimum; it counts at >= 1."""
+    volume = volume_ml / min_lesion_ml if min_lesion_ml > 0 else 1.0
+    extent = extent_mm / min_lesion_extent_mm if min_lesion_extent_mm > 0 else 1.0
+    return min(volume, extent)
 
 
 class TorchAnalyzer:
@@ -657,7 +660,7 @@ class TorchAnalyzer:
                 volume_ml = float(values.size) * voxel_ml
                 score = float(np.sort(values)[-out.top_k :].mean())
                 extent_mm = (box[0].stop - box[0].start) * slice_mm
-                fraction = min(volume_ml / out.min_lesion_ml, _fraction(extent_mm, out.min_lesion_extent_mm))
+                fraction = region_fraction(volume_ml, extent_mm, out.min_lesion_ml, out.min_lesion_extent_mm)
                 kept = fraction >= 1.0
                 keep[index] = kept
                 regions.append(Component(round(volume_ml, 4), score, kept, round(extent_mm, 3)))
