@@ -93,15 +93,14 @@ def test_package_is_small_hashed_exported_and_marked_not_for_clinical_use() -> N
     assert evaluation["min_lesion_extent_mm"] == manifest.output.min_lesion_extent_mm
     whole = evaluation["shipped_whole_series"]
     assert whole["false_positive_series"] == 0
-    # Below the 0.95 goal on its own (training) anatomy; the card says so and why.
-    assert whole["sensitivity_lesions_ge_0.5ml"]["value"] >= 0.85
+    assert whole["sensitivity_lesions_ge_0.5ml"]["value"] >= 0.95
     pooled = evaluation["cross_validation"]["pooled_at_operating_point"]
     assert pooled["min_lesion_ml"] == manifest.output.min_lesion_ml
     assert pooled["min_lesion_extent_mm"] == manifest.output.min_lesion_extent_mm
-    # No held-out false-positive series at the operating point (the goal's first condition); the
-    # held-out sensitivity, 0.947, is just under the 0.95 goal and the card says so.
+    # The goal, held out: no false-positive series and a sensitivity of at least 0.95 for lesions
+    # of at least 0.5 mL (for these networks; the seed study below says how far that carries).
     assert pooled["specificity"]["k"] == pooled["specificity"]["n"] == 78
-    assert pooled["sensitivity_lesions_ge_0.5ml"]["value"] >= 0.94
+    assert pooled["sensitivity_lesions_ge_0.5ml"]["value"] >= 0.95
     # The model card quotes these figures.
     for figure in (pooled["specificity"], pooled["sensitivity_lesions_ge_0.5ml"], whole["specificity"],
                    whole["sensitivity_lesions_ge_0.5ml"]):
@@ -119,6 +118,25 @@ def test_training_constants_match_the_manifest(train: ModuleType) -> None:
     assert manifest.output.labels[0].name == train.LABEL
     assert manifest.output.labels[0].threshold == manifest.output.mask_threshold == train.THRESHOLD
     assert (manifest.output.min_lesion_ml, manifest.output.min_lesion_extent_mm) in train.OPERATING_POINTS
+    assert manifest.output.min_intracranial_fraction == train.MIN_INTRACRANIAL_FRACTION > 0
+
+
+def test_the_seed_study_is_of_the_shipped_recipe_at_the_shipped_operating_point(train: ModuleType) -> None:
+    """The other training seeds are judged on the same held-out series at the same operating point,
+    and the shipped seed's entry is the cross-validation that eval.json reports."""
+    evaluation = json.loads((MODEL_DIR / "eval.json").read_text(encoding="utf-8"))
+    study = json.loads(train.SEED_STUDY.read_text(encoding="utf-8"))
+    assert (study["min_lesion_ml"], study["min_lesion_extent_mm"]) == (
+        evaluation["min_lesion_ml"], evaluation["min_lesion_extent_mm"])
+    seeds = {entry["training_seed"]: entry for entry in study["seeds"]}
+    assert len(seeds) >= 3 and all(len(entry["folds"]) == len(train.FOLDS) for entry in seeds.values())
+    shipped = evaluation["cross_validation"]["pooled_at_operating_point"]
+    for key in ("specificity", "sensitivity_lesions_ge_0.5ml"):
+        assert seeds[train.SEED]["pooled"][key] == shipped[key]
+    card = (MODEL_DIR / "MODEL_CARD.md").read_text(encoding="utf-8")
+    for entry in seeds.values():  # the card quotes every seed's pooled figures
+        spec, sens = entry["pooled"]["specificity"], entry["pooled"]["sensitivity_lesions_ge_0.5ml"]
+        assert f"| {entry['training_seed']} | {spec['k']}/{spec['n']} | {sens['k']}/{sens['n']} = {sens['value']:.3f} |" in card
 
 
 def test_operating_point_is_recomputed_from_the_stored_cross_validation(train: ModuleType) -> None:

@@ -23,6 +23,7 @@ from dicomnode.models import Registry
 from dicomnode.models.torch_runtime import (
     ManifestError,
     TorchAnalyzer,
+    cranial_cavity,
     load_manifest,
     load_model,
     select_device,
@@ -551,6 +552,65 @@ def test_min_lesion_extent_needs_the_3d_region_decision(tmp_path: Path) -> None:
     text = (folder / "manifest.toml").read_text()
     (folder / "manifest.toml").write_text(text.replace("top_k = 1", "top_k = 1\nmin_lesion_extent_mm = 4"))
     with pytest.raises(ManifestError, match="min_lesion_extent_mm: needs min_lesion_ml"):
+        load_manifest(folder)
+
+
+def _head(gap: bool = True) -> np.ndarray:
+    """10 axial slices of soft tissue (30 HU) in a 1000 HU skull ring; ``gap``: with a 60 degree
+    opening, as after a craniotomy."""
+    pixels = np.full((10, 64, 64), 30.0, dtype=np.float32)
+    yy, xx = np.indices((64, 64))
+    ring = np.abs(np.hypot(yy - 32, xx - 32) - 21.5) < 1.5
+    if gap:
+        ring &= np.abs(np.degrees(np.arctan2(yy - 32, xx - 32)) + 90) > 30
+    pixels[:, ring] = 1000.0
+    return pixels
+
+
+def test_cranial_cavity_is_the_skull_hull_even_with_a_craniotomy() -> None:
+    cavity = cranial_cavity(_head(gap=True))
+    assert cavity[:, 32, 32].all() and cavity[:, 14, 32].all()  # centre, and under the opening
+    assert not cavity[:, 2, 2].any() and not cavity[:, 32, 53].any()  # outside; the bone itself
+    assert not cranial_cavity(np.full((2, 16, 16), 30.0, dtype=np.float32)).any()  # no bone, no cavity
+
+
+def test_a_minimum_intracranial_fraction_ignores_regions_outside_the_skull(tmp_path: Path) -> None:
+    """output.min_intracranial_fraction: the same bright region decides the series inside the
+    skull, not outside it (face, neck, scalp), and the bright bone is no lesion either."""
+    folder = write_model(tmp_path / "m", Bright(), batch=64, extra="")
+    text = (folder / "manifest.toml").read_text()
+    (folder / "manifest.toml").write_text(
+        text.replace("top_k = 1", "top_k = 1\nmin_lesion_ml = 0.1\nmin_intracranial_fraction = 0.5")
+    )
+    analyzer = load_model(folder)
+    inside = _head()
+    inside[2:6, 28:36, 28:36] = 200.0  # 4 x 2 mm x 64 mm2 = 0.51 ml
+    outside = _head()
+    outside[2:6, 0:8, 0:8] = 200.0  # the same, in a corner outside the skull
+
+    positive = analyzer.analyze(volume(inside))
+    assert positive.findings[0].present is True and positive.priority is Priority.STAT
+    (components,) = analyzer.predict(volume(inside)).components
+    assert sorted((c.kept, c.intracranial_fraction) for c in components) == [(False, 0.0), (True, 1.0)]
+
+    negative = analyzer.analyze(volume(outside))
+    assert negative.findings[0].present is False and negative.findings[0].mask is None
+    assert (negative.findings[0].probability or 0.0) < 0.5
+    (components,) = analyzer.predict(volume(outside)).components
+    assert [c.kept for c in components] == [False, False]  # the skull ring and the corner
+
+
+def test_min_intracranial_fraction_needs_regions_and_ct(tmp_path: Path) -> None:
+    folder = write_model(tmp_path / "m", Bright(), batch=64, extra="")
+    text = (folder / "manifest.toml").read_text()
+    (folder / "manifest.toml").write_text(text.replace("top_k = 1", "top_k = 1\nmin_intracranial_fraction = 0.5"))
+    with pytest.raises(ManifestError, match="min_intracranial_fraction: needs min_lesion_ml"):
+        load_manifest(folder)
+    mr = text.replace('modalities = ["CT"]', 'modalities = ["MR"]')
+    (folder / "manifest.toml").write_text(
+        mr.replace("top_k = 1", "top_k = 1\nmin_lesion_ml = 0.1\nmin_intracranial_fraction = 0.5")
+    )
+    with pytest.raises(ManifestError, match="min_intracranial_fraction: finds the skull in HU"):
         load_manifest(folder)
 
 

@@ -203,6 +203,12 @@ class OutputSpec(_Strict):
     a flat spot on one or two thin slices cannot decide a series while a single slice that is
     itself that thick still can. A region failing either rule is scaled by the smaller of its two
     fractions (volume / min_lesion_ml, extent / min_lesion_extent_mm).
+
+    ``min_intracranial_fraction`` (CT head models) adds where: a region counts only when at least
+    this fraction of its voxels lies in the cranial cavity (:func:`cranial_cavity`), so tissue of
+    the face, neck or scalp that looks like the target (muscle is as dense as a small bleed) cannot
+    decide a series, however a network trained on brain slices reacts to it. A region failing it
+    is scaled by fraction / min_intracranial_fraction like the others.
     """
 
     kind: Literal["classification", "segmentation"]
@@ -212,6 +218,7 @@ class OutputSpec(_Strict):
     top_k: int = Field(default=1, ge=1)
     min_lesion_ml: float = Field(default=0.0, ge=0)
     min_lesion_extent_mm: float = Field(default=0.0, ge=0)
+    min_intracranial_fraction: float = Field(default=0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _masks_need_codes(self) -> OutputSpec:
@@ -226,6 +233,8 @@ class OutputSpec(_Strict):
             raise ValueError("min_lesion_ml: applies to segmentation models only")
         if self.min_lesion_extent_mm > 0 and self.min_lesion_ml == 0:
             raise ValueError("min_lesion_extent_mm: needs min_lesion_ml (the 3-D region decision)")
+        if self.min_intracranial_fraction > 0 and self.min_lesion_ml == 0:
+            raise ValueError("min_intracranial_fraction: needs min_lesion_ml (the 3-D region decision)")
         return self
 
 
@@ -257,6 +266,8 @@ class Manifest(_Strict):
     def _threshold_labels(self) -> Manifest:
         if self.output.min_lesion_ml > 0 and self.input.mode != "2d":
             raise ValueError("output.min_lesion_ml: applies to mode '2d' models only")
+        if self.output.min_intracranial_fraction > 0 and self.filter.modalities != ["CT"]:
+            raise ValueError("output.min_intracranial_fraction: finds the skull in HU, so filter.modalities must be [\"CT\"]")
         names = {label.name for label in self.output.labels}
         for i, threshold in enumerate(self.thresholds):
             if threshold.label not in names:
@@ -377,14 +388,65 @@ class Component:
     score: float  # mean of the top_k probabilities inside the region
     kept: bool  # counts: volume >= min_lesion_ml and extent >= min_lesion_extent_mm
     extent_mm: float = 0.0  # along the slice axis: slices it touches x slice spacing
+    intracranial_fraction: float = 1.0  # of its voxels in the cranial cavity (1 when not asked)
 
 
-def region_fraction(volume_ml: float, extent_mm: float, min_lesion_ml: float, min_lesion_extent_mm: float) -> float:
-    """How far a region reaches towards counting (OutputSpec): the smaller of volume / min_lesion_ml
-    and extent / min_lesion_extent_mm, each 1 when there is no such minimum; it counts at >= 1."""
+def region_fraction(
+    volume_ml: float, extent_mm: float, min_lesion_ml: float, min_lesion_extent_mm: float,
+    intracranial_fraction: float = 1.0, min_intracranial_fraction: float = 0.0,
+) -> float:
+    """How far a region reaches towards counting (OutputSpec): the smallest of volume /
+    min_lesion_ml, extent / min_lesion_extent_mm and intracranial fraction /
+    min_intracranial_fraction, each 1 when there is no such minimum; it counts at >= 1."""
     volume = volume_ml / min_lesion_ml if min_lesion_ml > 0 else 1.0
     extent = extent_mm / min_lesion_extent_mm if min_lesion_extent_mm > 0 else 1.0
-    return min(volume, extent)
+    inside = intracranial_fraction / min_intracranial_fraction if min_intracranial_fraction > 0 else 1.0
+    return min(volume, extent, inside)
+
+
+BONE_HU = 250.0  # above cancellous and partial-volume skull, below cortical bone
+
+
+def convex_fill(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The filled convex hull of a 2D mask (half-plane test against each hull edge)."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    points = np.argwhere(mask)
+    if points.shape[0] < 3:
+        return np.zeros_like(mask)
+    try:
+        hull = ConvexHull(points)
+    except QhullError:
+        return np.zeros_like(mask)
+    grid = np.indices(mask.shape).reshape(2, -1).T.astype(np.float64)
+    inside = np.all(grid @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-9, axis=1)
+    result: npt.NDArray[np.bool_] = inside.reshape(mask.shape)
+    return result
+
+
+def cranial_cavity(hu: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
+    """(slices, rows, columns) HU, axial -> where the cranial cavity may be: on each slice the
+    filled convex hull of the largest connected bone component (> BONE_HU), less that bone.
+
+    The hull rather than the holes of a closed skull ring, because a ring is open at foramina, at
+    the skull base and after a craniotomy (the one real head CT here has a frontal defect 2 cm
+    wide). Below the skull base the largest bone is the mandible or a vertebra, and the muscles of
+    the face and neck lie mostly outside its hull; a slice without bone has no cavity."""
+    return np.stack([_cavity_of_bone(slice_ > BONE_HU) for slice_ in hu]) if len(hu) else np.zeros(hu.shape, bool)
+
+
+def _cavity_of_bone(bone: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """One slice of :func:`cranial_cavity` from its bone mask."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(bone)
+    if count == 0:
+        return np.zeros(bone.shape, dtype=np.bool_)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    skull = labels == int(np.argmax(sizes))
+    cavity: npt.NDArray[np.bool_] = convex_fill(skull) & ~skull
+    return cavity
 
 
 class TorchAnalyzer:
@@ -575,9 +637,14 @@ class TorchAnalyzer:
             else None
         )
         grid = np.zeros((n_labels, n, *target), dtype=np.float16) if by_component else None
+        # Bone on the network's grid, for the cranial cavity of the slices a region touches.
+        bone = np.zeros((n, *target), dtype=np.bool_) if by_component and out.min_intracranial_fraction > 0 else None
         with torch.inference_mode():
             for batch in self._batches(n, rows * cols * 4):
                 x = torch.from_numpy(np.ascontiguousarray(pixels[batch], dtype=np.float32))
+                if bone is not None:
+                    hu = x[:, None] if (rows, cols) == target else self._resize(x[:, None], target)
+                    bone[batch] = (hu[:, 0] > BONE_HU).numpy()
                 x = self._intensity(x.to(self.device), stats)
                 if (rows, cols) != target:
                     x = self._resize(x, target)
@@ -616,7 +683,7 @@ class TorchAnalyzer:
         components: tuple[tuple[Component, ...], ...] = ()
         if grid is not None:
             voxel_ml = spacing[0] * (rows * spacing[1] / target[0]) * (cols * spacing[2] / target[1]) / 1000.0
-            masks, probabilities, components = self._components(grid, voxel_ml, spacing[0], (rows, cols))
+            masks, probabilities, components = self._components(grid, voxel_ml, spacing[0], (rows, cols), bone)
         else:
             assert masks is not None
             probabilities = slice_scores.max(axis=0)
@@ -632,7 +699,8 @@ class TorchAnalyzer:
         return interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
 
     def _components(
-        self, grid: npt.NDArray[np.float16], voxel_ml: float, slice_mm: float, source_hw: tuple[int, int]
+        self, grid: npt.NDArray[np.float16], voxel_ml: float, slice_mm: float, source_hw: tuple[int, int],
+        bone: npt.NDArray[np.bool_] | None = None,
     ) -> tuple[list[npt.NDArray[np.bool_]], npt.NDArray[np.float32], tuple[tuple[Component, ...], ...]]:
         """Series decision from connected regions (``output.min_lesion_ml``), see OutputSpec.
 
@@ -648,6 +716,17 @@ class TorchAnalyzer:
         probabilities = np.zeros(n_labels, dtype=np.float32)
         found: list[tuple[Component, ...]] = []
         structure = np.ones((3, 3, 3), dtype=bool)
+        cavity: dict[int, npt.NDArray[np.bool_]] = {}  # slice -> its cranial cavity, when a region needs it
+
+        def intracranial(box: tuple[slice, ...], region: npt.NDArray[np.bool_]) -> float:
+            if bone is None:
+                return 1.0
+            for k in range(box[0].start, box[0].stop):
+                if k not in cavity:
+                    cavity[k] = _cavity_of_bone(bone[k])
+            inside = np.stack([cavity[k][box[1:]] for k in range(box[0].start, box[0].stop)])
+            return float(inside[region].mean())
+
         for j, label in enumerate(out.labels):
             prob = grid[j]
             labels, count = ndimage.label(prob >= out.mask_threshold, structure=structure)
@@ -656,14 +735,17 @@ class TorchAnalyzer:
             for index, box in enumerate(ndimage.find_objects(labels), start=1):
                 if box is None:
                     continue
-                values = prob[box][labels[box] == index].astype(np.float32)
+                region = labels[box] == index
+                values = prob[box][region].astype(np.float32)
                 volume_ml = float(values.size) * voxel_ml
                 score = float(np.sort(values)[-out.top_k :].mean())
                 extent_mm = (box[0].stop - box[0].start) * slice_mm
-                fraction = region_fraction(volume_ml, extent_mm, out.min_lesion_ml, out.min_lesion_extent_mm)
+                inside = intracranial(box, region)
+                fraction = region_fraction(volume_ml, extent_mm, out.min_lesion_ml, out.min_lesion_extent_mm,
+                                           inside, out.min_intracranial_fraction)
                 kept = fraction >= 1.0
                 keep[index] = kept
-                regions.append(Component(round(volume_ml, 4), score, kept, round(extent_mm, 3)))
+                regions.append(Component(round(volume_ml, 4), score, kept, round(extent_mm, 3), round(inside, 4)))
                 scaled = score if kept else score * fraction * label.threshold
                 probabilities[j] = max(probabilities[j], scaled)
             found.append(tuple(regions))
