@@ -130,11 +130,11 @@ def fold_split(n: int, held_blocks: tuple[int, ...]) -> tuple[list[int], list[ra
 
 
 def intracranial_candidates(hu: npt.NDArray[np.float32], spacing: tuple[float, ...]) -> npt.NDArray[np.bool_]:
-    from dicomnode.models.torch_runtime import convex_fill
-
     """Voxels of brain-like soft tissue (10-60 HU) inside the convex hull of the skull (its
     largest bone component, > 200 HU) and at least ~4 mm from bone, where a lesion centre may go.
     The hull, not a filled ring, because a skull ring may be open (foramina, a craniotomy)."""
+    from dicomnode.models.torch_runtime import convex_fill
+
     out = np.zeros(hu.shape, dtype=bool)
     radius = max(1, round(4.0 / spacing[-1]))
     for k in range(hu.shape[0]):
@@ -805,7 +805,8 @@ def main() -> None:
     parser.add_argument("--small-lesions", type=float, default=0.5,
                         help=f"fraction of training lesions with radii {SMALL_RADIUS_MM} mm")
     parser.add_argument("--training-seed", type=int, default=SEED,
-                        help="seed of the training (the evaluation series keep theirs): how much a figure owes to the seed")
+                        help="seed of the training (the evaluation series keep theirs): "
+                        "how much a figure owes to the seed")
     parser.add_argument("--fold", type=int, help="train and judge this cross-validation fold only, "
                         "write its series to --fold-out (run the folds as parallel processes)")
     parser.add_argument("--fold-out", type=Path, help="where --fold writes its result (JSON)")

@@ -136,7 +136,8 @@ def test_the_seed_study_is_of_the_shipped_recipe_at_the_shipped_operating_point(
     card = (MODEL_DIR / "MODEL_CARD.md").read_text(encoding="utf-8")
     for entry in seeds.values():  # the card quotes every seed's pooled figures
         spec, sens = entry["pooled"]["specificity"], entry["pooled"]["sensitivity_lesions_ge_0.5ml"]
-        assert f"| {entry['training_seed']} | {spec['k']}/{spec['n']} | {sens['k']}/{sens['n']} = {sens['value']:.3f} |" in card
+        row = f"| {entry['training_seed']} | {spec['k']}/{spec['n']} | {sens['k']}/{sens['n']} = {sens['value']:.3f} |"
+        assert row in card
 
 
 def test_operating_point_is_recomputed_from_the_stored_cross_validation(train: ModuleType) -> None:

@@ -267,7 +267,9 @@ class Manifest(_Strict):
         if self.output.min_lesion_ml > 0 and self.input.mode != "2d":
             raise ValueError("output.min_lesion_ml: applies to mode '2d' models only")
         if self.output.min_intracranial_fraction > 0 and self.filter.modalities != ["CT"]:
-            raise ValueError("output.min_intracranial_fraction: finds the skull in HU, so filter.modalities must be [\"CT\"]")
+            raise ValueError(
+                "output.min_intracranial_fraction: finds the skull in HU, so filter.modalities must be [\"CT\"]"
+            )
         names = {label.name for label in self.output.labels}
         for i, threshold in enumerate(self.thresholds):
             if threshold.label not in names:
@@ -386,7 +388,7 @@ class Component:
 
     volume_ml: float
     score: float  # mean of the top_k probabilities inside the region
-    kept: bool  # counts: volume >= min_lesion_ml and extent >= min_lesion_extent_mm
+    kept: bool  # counts: volume, extent and intracranial fraction reach their minimums
     extent_mm: float = 0.0  # along the slice axis: slices it touches x slice spacing
     intracranial_fraction: float = 1.0  # of its voxels in the cranial cavity (1 when not asked)
 
@@ -614,7 +616,8 @@ class TorchAnalyzer:
         The volume is seen in canonical orientation (see :class:`InputSpec`); slice scores follow
         that order and masks are mapped back to the source grid. Memory: one batch of float
         tensors, a boolean mask per label and, with ``output.min_lesion_ml``, the probability map
-        on the network's grid as float16 (200 slices at 128 x 128: 6.6 MB)."""
+        on the network's grid as float16 (200 slices at 128 x 128: 6.6 MB), plus a bone mask on that
+        grid (1 byte a voxel) with ``output.min_intracranial_fraction``."""
         import torch
         from torch.nn.functional import interpolate
 
