@@ -498,13 +498,19 @@ def test_stored_orientation_opts_out(tmp_path: Path) -> None:
     assert seen == [(stored.shape[0], 1, *stored.shape[1:])]
 
 
+def bright_region_model(folder: Path, output: str, modality: str = "CT") -> Path:
+    """A Bright segmentation model whose manifest's [output] also has the keys ``output`` (TOML lines)."""
+    write_model(folder, Bright(), batch=64, extra="")
+    manifest = folder / "manifest.toml"
+    text = manifest.read_text().replace('modalities = ["CT"]', f'modalities = ["{modality}"]')
+    manifest.write_text(text.replace("top_k = 1", "top_k = 1\n" + output))
+    return folder
+
+
 def test_a_minimum_lesion_volume_decides_the_series_in_3d(tmp_path: Path) -> None:
     """With output.min_lesion_ml, a bright speck (one voxel on one slice) no longer calls a series
     positive; a region of at least that volume does, and only such regions stay in the mask."""
-    folder = write_model(tmp_path / "m", Bright(), batch=64, extra="")
-    text = (folder / "manifest.toml").read_text().replace("top_k = 1", "top_k = 1\nmin_lesion_ml = 0.1")
-    (folder / "manifest.toml").write_text(text)
-    analyzer = load_model(folder)
+    analyzer = load_model(bright_region_model(tmp_path / "m", "min_lesion_ml = 0.1"))
     speck = np.full((10, 64, 64), 30.0, dtype=np.float32)
     speck[4, 30, 30] = 200.0  # 2 mm x 1 mm x 1 mm = 0.002 ml
     lesion = speck.copy()
@@ -525,12 +531,7 @@ def test_a_minimum_extent_across_slices_rejects_flat_spots_but_not_thick_slices(
     """output.min_lesion_extent_mm: a region must also span that distance along the slice axis.
     A flat 0.4 mL spot on one 2 mm slice does not count; the same spot over two slices (4 mm)
     does, and so does one slice of a 5 mm series: a thick slice is itself 5 mm of patient."""
-    folder = write_model(tmp_path / "m", Bright(), batch=64, extra="")
-    text = (folder / "manifest.toml").read_text()
-    (folder / "manifest.toml").write_text(
-        text.replace("top_k = 1", "top_k = 1\nmin_lesion_ml = 0.1\nmin_lesion_extent_mm = 4")
-    )
-    analyzer = load_model(folder)
+    analyzer = load_model(bright_region_model(tmp_path / "m", "min_lesion_ml = 0.1\nmin_lesion_extent_mm = 4"))
     flat = np.full((10, 64, 64), 30.0, dtype=np.float32)
     flat[4, 10:30, 10:30] = 200.0  # 400 mm2 x 2 mm = 0.8 ml, but 2 mm deep
     two_slices = flat.copy()
@@ -548,9 +549,7 @@ def test_a_minimum_extent_across_slices_rejects_flat_spots_but_not_thick_slices(
 
 
 def test_min_lesion_extent_needs_the_3d_region_decision(tmp_path: Path) -> None:
-    folder = write_model(tmp_path / "m", Bright(), batch=64, extra="")
-    text = (folder / "manifest.toml").read_text()
-    (folder / "manifest.toml").write_text(text.replace("top_k = 1", "top_k = 1\nmin_lesion_extent_mm = 4"))
+    folder = bright_region_model(tmp_path / "m", "min_lesion_extent_mm = 4")
     with pytest.raises(ManifestError, match="min_lesion_extent_mm: needs min_lesion_ml"):
         load_manifest(folder)
 
@@ -577,12 +576,7 @@ def test_cranial_cavity_is_the_skull_hull_even_with_a_craniotomy() -> None:
 def test_a_minimum_intracranial_fraction_ignores_regions_outside_the_skull(tmp_path: Path) -> None:
     """output.min_intracranial_fraction: the same bright region decides the series inside the
     skull, not outside it (face, neck, scalp), and the bright bone is no lesion either."""
-    folder = write_model(tmp_path / "m", Bright(), batch=64, extra="")
-    text = (folder / "manifest.toml").read_text()
-    (folder / "manifest.toml").write_text(
-        text.replace("top_k = 1", "top_k = 1\nmin_lesion_ml = 0.1\nmin_intracranial_fraction = 0.5")
-    )
-    analyzer = load_model(folder)
+    analyzer = load_model(bright_region_model(tmp_path / "m", "min_lesion_ml = 0.1\nmin_intracranial_fraction = 0.5"))
     inside = _head()
     inside[2:6, 28:36, 28:36] = 200.0  # 4 x 2 mm x 64 mm2 = 0.51 ml
     outside = _head()
@@ -601,15 +595,10 @@ def test_a_minimum_intracranial_fraction_ignores_regions_outside_the_skull(tmp_p
 
 
 def test_min_intracranial_fraction_needs_regions_and_ct(tmp_path: Path) -> None:
-    folder = write_model(tmp_path / "m", Bright(), batch=64, extra="")
-    text = (folder / "manifest.toml").read_text()
-    (folder / "manifest.toml").write_text(text.replace("top_k = 1", "top_k = 1\nmin_intracranial_fraction = 0.5"))
+    folder = bright_region_model(tmp_path / "ct", "min_intracranial_fraction = 0.5")
     with pytest.raises(ManifestError, match="min_intracranial_fraction: needs min_lesion_ml"):
         load_manifest(folder)
-    mr = text.replace('modalities = ["CT"]', 'modalities = ["MR"]')
-    (folder / "manifest.toml").write_text(
-        mr.replace("top_k = 1", "top_k = 1\nmin_lesion_ml = 0.1\nmin_intracranial_fraction = 0.5")
-    )
+    folder = bright_region_model(tmp_path / "mr", "min_lesion_ml = 0.1\nmin_intracranial_fraction = 0.5", "MR")
     with pytest.raises(ManifestError, match="min_intracranial_fraction: finds the skull in HU"):
         load_manifest(folder)
 
