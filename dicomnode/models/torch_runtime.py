@@ -439,14 +439,9 @@ def cranial_cavity(hu: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
 
 def _cavity_of_bone(bone: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     """One slice of :func:`cranial_cavity` from its bone mask."""
-    from scipy import ndimage
+    from dicomnode.models.qc.common import largest_component
 
-    labels, count = ndimage.label(bone)
-    if count == 0:
-        return np.zeros(bone.shape, dtype=np.bool_)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    skull = labels == int(np.argmax(sizes))
+    skull = largest_component(bone)
     cavity: npt.NDArray[np.bool_] = convex_fill(skull) & ~skull
     return cavity
 
