@@ -121,6 +121,23 @@ def test_training_constants_match_the_manifest(train: ModuleType) -> None:
     assert manifest.output.min_intracranial_fraction == train.MIN_INTRACRANIAL_FRACTION > 0
 
 
+def test_per_lesion_dice_counts_a_missed_small_lesion_as_much_as_a_missed_big_one(train: ModuleType) -> None:
+    """``--lesion-dice`` (tried, not shipped): a batch that finds a big lesion and misses a small one
+    keeps half its Dice loss, where one Dice over the batch calls it a rounding error; lesion-free
+    patches add nothing to it."""
+    import torch
+
+    truth = torch.zeros(3, 1, 32, 32)
+    truth[0, 0, 2:4, 2:4] = 1  # small lesion, missed
+    truth[1, 0, 4:24, 4:24] = 1  # big lesion, found
+    prob = truth.clone()
+    prob[0] = 0
+    prob[2, 0, 10:12, 10:12] = 0.5  # a lesion-free patch with a faint false positive
+    assert float(train.dice_loss(prob, truth, per_lesion=True)) == pytest.approx(0.5 * (1 - 1 / 5), abs=1e-6)
+    assert float(train.dice_loss(prob, truth)) < 0.02  # one Dice over the batch: the miss hardly counts
+    assert float(train.dice_loss(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), per_lesion=True)) == 0.0
+
+
 def test_the_seed_study_is_of_the_shipped_recipe_at_the_shipped_operating_point(train: ModuleType) -> None:
     """The other training seeds are judged on the same held-out series at the same operating point,
     and the shipped seed's entry is the cross-validation that eval.json reports."""
