@@ -51,7 +51,9 @@ all 13 encodings; the cranial-cavity rule of the runtime (MIN_INTRACRANIAL_FRACT
 removed those false positives, for this recipe and for other seeds of F = 0 alike.
 ``--training-seed S`` trains with another seed (the judged series keep theirs) and
 ``--seed-study fold*.json`` writes the held-out figures of such folds at the shipped operating point
-to SEED_STUDY: how much of a cross-validation figure belongs to the seed.
+to SEED_STUDY: how much of a cross-validation figure belongs to the seed. ``--lesion-dice`` takes
+the Dice loss per lesion-bearing patch instead of over the batch (tried on three seeds, not
+shipped: MODEL_CARD.md).
 """
 
 from __future__ import annotations
