@@ -31,6 +31,9 @@ async function api(method, path, body) {
 }
 function fill(tableId, rows) {
   const body = document.querySelector(`#${tableId} tbody`);
+  // A periodic refresh that changes nothing leaves the rows alone: replacing them would swallow a
+  // click (a Replay button pressed as its row is swapped) or a text selection made during it.
+  if (body.innerHTML === rows.map(r => r.outerHTML).join("")) return;
   body.replaceChildren(...rows);
 }
 

@@ -115,9 +115,15 @@ def test_console_add_peer_echo_replay_and_screenshot(admin_node: AdminNodeFactor
         wait(browser, lambda d: text_of(d, "echo-result-PACS").startswith("OK 0x0000"))
 
         browser.get(url + "/#dead")
+        # A refresh with nothing new keeps the rows (a button pressed during it still works).
+        button = wait(browser, lambda d: d.find_element(By.ID, f"replay-{dead[0].id}"))
+        browser.execute_async_script("loadDead().then(arguments[0])")
+        assert button.get_attribute("id") == f"replay-{dead[0].id}"  # not stale: the same element
         for job in dead:
             click(browser, f"replay-{job.id}")
             wait(browser, lambda d, job=job: f"Job {job.id} requeued" in text_of(d, "dead-message"))
+            # The table has been redrawn without it before the next button is pressed.
+            wait(browser, lambda d, job=job: not d.find_elements(By.ID, f"replay-{job.id}"))
         node.run_until_idle(timeout=120)
         states = {j.state for j in node.ledger.list_jobs(kind=JobKind.DELIVER)}
         assert states == {JobState.SUCCEEDED}
