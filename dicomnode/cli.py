@@ -12,7 +12,6 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,6 +85,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dicomnode.jobs import StopRequest
     from dicomnode.node import Node
 
     path = find_config(args.config)
@@ -96,25 +96,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if config.cluster is None:
             raise
         return _ledger_unavailable(config, exc)
-    stop = threading.Event()
-
-    def _signal(signum: int, _frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _signal)
-    signal.signal(signal.SIGINT, _signal)
-    node.start()
-    n = config.node
-    print(f"dicomnode {n.ae_title} listening on {n.host}:{n.port} (data in {node.data_dir})", flush=True)
-    if path is None:
-        print(f"config: the {EMBEDDED_DEFAULT} (read only; `dicomnode init` writes a file of your own)",
-              flush=True)
-    else:
-        print(f"config: {path}", flush=True)
-    if node.admin is not None:
-        print(f"admin console on {node.admin.url}", flush=True)
-    stop.wait()
-    node.stop()
+    with StopRequest(signal.SIGTERM, signal.SIGINT) as stop:  # a second Ctrl-C while stopping is ignored
+        node.start()
+        n = config.node
+        print(f"dicomnode {n.ae_title} listening on {n.host}:{n.port} (data in {node.data_dir})", flush=True)
+        if path is None:
+            print(f"config: the {EMBEDDED_DEFAULT} (read only; `dicomnode init` writes a file of your own)",
+                  flush=True)
+        else:
+            print(f"config: {path}", flush=True)
+        if node.admin is not None:
+            print(f"admin console on {node.admin.url}", flush=True)
+        stop.wait()
+        node.stop()
     return 0
 
 
@@ -624,18 +618,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
             return run_worker(config, queues, args.concurrency)
         except sqlalchemy.exc.OperationalError as exc:
             return _ledger_unavailable(config, exc)
+    from dicomnode.jobs import StopRequest
     from dicomnode.node import Node
 
     jobs = config.jobs.model_copy(update={"workers": args.concurrency or max(1, config.jobs.workers)})
     node = Node(config.model_copy(update={"jobs": jobs}), receive=False)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    node.start()
-    print(f"dicomnode worker {node.node_id} ({node.ledger.process_id}): {jobs.workers} local worker(s) "
-          f"on {_safe_url(config.ledger_url)}", flush=True)
-    stop.wait()
-    node.stop()
+    with StopRequest(signal.SIGTERM, signal.SIGINT) as stop:
+        node.start()
+        print(f"dicomnode worker {node.node_id} ({node.ledger.process_id}): {jobs.workers} local worker(s) "
+              f"on {_safe_url(config.ledger_url)}", flush=True)
+        stop.wait()
+        node.stop()
     return 0
 
 

@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -249,7 +250,55 @@ class NoExecutor:
         pass
 
 
-# --- worker processes die with their node ----------------------------------------------------------
+# --- process life: stop requests, and worker processes that die with their node ------------------------
+
+class StopRequest:
+    """What a process's main thread waits on until it should stop: one of ``signums`` (handled
+    from construction on) or :meth:`request` from any thread.
+
+    CPython runs signal handlers in the main thread, between bytecodes. A handler that sets an
+    Event the main thread waits on without a timeout is lost when the kernel hands the signal to
+    another thread (a node ignored a Ctrl-C pressed while it was starting its workers), and
+    ``Event.set()`` inside a handler can deadlock on the Event's own lock. Instead the C-level
+    handler writes each signal's number to a wake-up socket, whichever thread receives it, and the
+    main thread sleeps on that socket. Construct it in the main thread.
+    """
+
+    def __init__(self, *signums: signal.Signals) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        self._signums = {int(s) for s in signums}
+        self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        self._previous = {s: signal.signal(s, _note_signal) for s in signums}
+
+    def request(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a stop is already pending
+            self._writer.send(b"\0")
+
+    def wait(self) -> int:
+        """Block until a stop is due; the signal's number, or 0 for :meth:`request`."""
+        while True:
+            for value in self._reader.recv(256):
+                if value == 0 or value in self._signums:
+                    return value
+
+    def close(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        self._reader.close()
+        self._writer.close()
+
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _note_signal(_signum: int, _frame: object) -> None:
+    """Python-level half of a :class:`StopRequest` handler: the wake-up socket carries the news."""
+
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -280,27 +329,34 @@ def _watch_parent(parent_pid: int, interval_s: float = 0.5) -> None:
             os._exit(1)
 
 
-class _OwnGroupSpawnProcess(multiprocessing.context.SpawnProcess):
-    """A spawned worker in a process group of its own, from its first instruction on: Ctrl-C in a
-    terminal signals the foreground group, and a worker still importing would print a traceback.
-    The node stops its workers itself; PR_SET_PDEATHSIG does not depend on the group."""
+class _InterruptProofSpawnProcess(multiprocessing.context.SpawnProcess):
+    """A spawned worker that Ctrl-C cannot interrupt, from its first instruction on.
+
+    Ctrl-C in a terminal signals the whole foreground group, and a worker still importing (seconds,
+    with torch) died with a KeyboardInterrupt traceback. Moving the child to a group of its own
+    cannot close that window: ``setpgid`` on a child that has already exec'd fails (EACCES), and a
+    spawned child has exec'd by the time ``Popen`` returns. A blocked signal stays blocked across
+    fork and exec, so the child is started with SIGINT blocked and ``_worker_init`` ignores it
+    before unblocking it. The node stops its workers itself (pool shutdown).
+    """
 
     @staticmethod
     def _Popen(process_obj: Any) -> Any:
-        popen = multiprocessing.context.SpawnProcess._Popen(process_obj)
-        with contextlib.suppress(OSError):  # already exited: nothing to move
-            os.setpgid(popen.pid, popen.pid)
-        return popen
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return multiprocessing.context.SpawnProcess._Popen(process_obj)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-class _OwnGroupSpawnContext(multiprocessing.context.SpawnContext):
-    Process = _OwnGroupSpawnProcess
+class _InterruptProofSpawnContext(multiprocessing.context.SpawnContext):
+    Process = _InterruptProofSpawnProcess
 
 
 def _worker_init(parent_pid: int, initializer: Callable[..., None] | None, args: tuple[Any, ...]) -> None:
-    # Ctrl-C in a terminal signals the whole process group: the node stops its workers itself
-    # (pool shutdown), rather than each worker dying mid-job with a KeyboardInterrupt traceback.
+    # Ignoring a blocked SIGINT discards one already pending (POSIX), so unblocking is then safe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     die_with_parent(parent_pid)
     if initializer is not None:
         initializer(*args)
@@ -356,7 +412,7 @@ class LocalExecutor:
     def _new_pool(self) -> cf.ProcessPoolExecutor:
         pool = cf.ProcessPoolExecutor(
             max_workers=self.workers,
-            mp_context=_OwnGroupSpawnContext(),
+            mp_context=_InterruptProofSpawnContext(),
             initializer=_worker_init,
             initargs=(os.getpid(), self._initializer, self._initargs),
         )

@@ -426,7 +426,7 @@ class _Channel:
 def child_main() -> int:
     """``python -m dicomnode.receivers``: one receiver process (started by :class:`ReceiverPool`)."""
     from dicomnode.cluster import Heartbeat, heartbeat_settings
-    from dicomnode.jobs import die_with_parent
+    from dicomnode.jobs import StopRequest, die_with_parent
     from dicomnode.receiver import Receiver, edge_limits
     from dicomnode.spool import Spool
 
@@ -439,8 +439,7 @@ def child_main() -> int:
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s receiver[{index}] %(levelname)s %(name)s: %(message)s")
     config = Config.model_validate(spec["config"])
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = StopRequest(signal.SIGTERM)  # the node's stop; the process ends by os._exit
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the node stops us
 
     node = config.node
@@ -478,7 +477,7 @@ def child_main() -> int:
                 message = json.loads(line)
                 if "peers" in message:
                     receiver.update_peers([Peer.model_validate(p) for p in message["peers"]])
-        stop.set()
+        stop.request()
 
     threading.Thread(target=control, name="control", daemon=True).start()
     stop.wait()

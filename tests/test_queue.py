@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from conftest import NodeFactory, run_dcmtk, store_successes, storescu
 from procs import command_line, descendants, wait_all_gone
 from synthetic import ct_series, write_series
@@ -186,6 +187,62 @@ def test_ctrl_c_during_an_analysis_stops_the_node_and_its_workers_quietly(tmp_pa
     assert proc.returncode == 0, text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert not wait_all_gone(family)
+
+
+def test_ctrl_c_while_a_worker_process_is_still_starting_is_ignored(capfd: pytest.CaptureFixture[str]) -> None:
+    """A CI run pressed Ctrl-C while the node's worker was still importing (before its initializer
+    could ignore SIGINT): KeyboardInterrupt traceback, broken pool. Signalled from its first
+    instruction to its last, a worker finishes its task and prints nothing."""
+    import concurrent.futures as cf
+
+    from dicomnode.jobs import _InterruptProofSpawnContext, _worker_init
+
+    pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=_InterruptProofSpawnContext(),
+                                  initializer=_worker_init, initargs=(os.getpid(), None, ()))
+    try:
+        task = pool.submit(time.sleep, 1.0)  # returns once the worker is exec'd: it is starting now
+        (worker,) = pool._processes.values()
+        signalled = 0
+        while not task.done():
+            os.kill(worker.pid, signal.SIGINT)
+            signalled += 1
+            time.sleep(0.02)
+        assert task.result() is None
+    finally:
+        pool.shutdown()
+    assert signalled > 10
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
+STOP_WAITER = """
+import signal, sys, threading, time
+from dicomnode.jobs import StopRequest
+stop = StopRequest(signal.SIGTERM, signal.SIGINT)
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # only that thread can take them
+if sys.argv[1] == "request":
+    threading.Thread(target=stop.request).start()
+print("waiting", flush=True)
+print(stop.wait(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "request"])
+def test_a_stop_reaches_the_main_thread_whichever_thread_the_kernel_hands_the_signal(how: str) -> None:
+    """A Ctrl-C pressed while the node started its workers was lost: the kernel gave SIGINT to
+    another thread, and the main thread slept in Event.wait() without running the handler. Here the
+    main thread blocks the signals, so the kernel must hand them to the other thread."""
+    waiter = subprocess.Popen([sys.executable, "-c", STOP_WAITER, how], stdout=subprocess.PIPE, text=True)
+    try:
+        assert waiter.stdout is not None and waiter.stdout.readline() == "waiting\n"
+        if how != "request":
+            waiter.send_signal(getattr(signal, how))
+        waiter.wait(timeout=30)  # TimeoutExpired: the stop never reached the main thread
+        output = waiter.stdout.read()
+    finally:
+        waiter.kill()
+    expected = 0 if how == "request" else int(getattr(signal, how))
+    assert (waiter.returncode, output) == (0, f"{expected}\n")
 
 
 def test_cli_lists_jobs_and_series_and_retries(make_node: NodeFactory, tmp_path: Path) -> None:
