@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     ae.add_supported_context("1.2.840.10008.1.1", syntaxes)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, syntaxes)
+    # Every thread started from here on inherits the block: the main thread takes the stop signals
+    # itself (sigwait), rather than a handler setting an Event that a signal handed to another thread
+    # never wakes (see dicomnode.jobs.StopRequest, which the bare reference does not import).
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     server = ae.start_server(("127.0.0.1", args.port), block=False,
                              evt_handlers=[(evt.EVT_REQUESTED, on_requested), (evt.EVT_C_STORE, on_store)])
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     print(f"bare pynetdicom SCP ({args.mode}) on 127.0.0.1:{args.port}", flush=True)
-    stop.wait()
+    signal.sigwait(stop_signals)
     assert server is not None
     server.shutdown()
     return 0
